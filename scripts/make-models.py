@@ -9,8 +9,8 @@ Every model follows docs/model-format.md. Nothing here is ClassyNet training (th
 trainer in models/); these are small graphs built directly with onnx.helper:
 
 * fixtures: `tiny3`, a hand-countable 3-exit model (4 classes, 1x4x4 input) whose first exit is a
-  bag-of-classes exit and whose second is a plain exit, plus `tiny3-plain` (same graph, no
-  metadata) for the plain-ONNX path.
+  bag-of-classes exit and whose second is a plain exit, plus `tiny3-plain` (the same network with
+  a plain 4-way first exit and no metadata) for the plain-ONNX path.
 * demo: a 3-exit Fashion-MNIST model with fixed random convolution features whose exit heads
   are fitted in closed form (ridge regression on the pooled features, then a temperature so the
   softmax is calibrated). It is a real, accurate-enough model for the quick start, trained in
@@ -106,17 +106,20 @@ def fixtures() -> None:
       segment 2: conv 2->2 3x3 (36 + 2) + residual add + exit head 2->4 (8+4) = 50
       segment 3: conv 2->4 1x1 (8 + 4), global pool as the logits            = 12
     """
-    g = Graph(np.random.default_rng(7))
-    x = g.conv("input", 1, 2, 3)
-    cut1 = g.op("Relu", [x], "cut1")
-    g.head(cut1, 2, 2, "exit1")
-    y = g.conv(cut1, 2, 2, 3, out="conv2_out")
-    y = g.op("Relu", [y])
-    cut2 = g.op("Add", [y, cut1], "cut2")  # a residual link: cut1 is needed by segment 2 only
-    g.head(cut2, 2, 4, "exit2")
-    z = g.conv(cut2, 2, 4, 1)
-    p = g.op("GlobalAveragePool", [z])
-    g.op("Flatten", [p], "exit3", axis=1)
+    def build(e1_width: int) -> Graph:
+        g = Graph(np.random.default_rng(7))
+        x = g.conv("input", 1, 2, 3)
+        cut1 = g.op("Relu", [x], "cut1")
+        g.head(cut1, 2, e1_width, "exit1")
+        y = g.conv(cut1, 2, 2, 3, out="conv2_out")
+        y = g.op("Relu", [y])
+        cut2 = g.op("Add", [y, cut1], "cut2")  # a residual link: cut1 is needed by segment 2 only
+        g.head(cut2, 2, 4, "exit2")
+        z = g.conv(cut2, 2, 4, 1)
+        p = g.op("GlobalAveragePool", [z])
+        g.op("Flatten", [p], "exit3", axis=1)
+        return g
+
     meta = {
         "format_version": 1,
         "name": "tiny3",
@@ -130,11 +133,14 @@ def fixtures() -> None:
         "fixture_note": "unknown keys like this one are kept by readers",
     }
     ins = [tensor("input", ["N", 1, 4, 4])]
-    outs = [tensor("exit1", ["N", 2]), tensor("exit2", ["N", 4]), tensor("exit3", ["N", 4])]
     out_dir = ROOT / "runtime" / "tests" / "data"
     out_dir.mkdir(parents=True, exist_ok=True)
-    onnx.save(g.model(ins, outs, meta), out_dir / "tiny3.onnx")
-    onnx.save(g.model(ins, outs, None), out_dir / "tiny3-plain.onnx")
+    outs = [tensor("exit1", ["N", 2]), tensor("exit2", ["N", 4]), tensor("exit3", ["N", 4])]
+    onnx.save(build(2).model(ins, outs, meta), out_dir / "tiny3.onnx")
+    # The same network as a plain (BranchyNet-style) early-exit model: every exit has K logits
+    # and there is no metadata; users name the cuts and exits.
+    outs = [tensor("exit1", ["N", 4]), tensor("exit2", ["N", 4]), tensor("exit3", ["N", 4])]
+    onnx.save(build(4).model(ins, outs, None), out_dir / "tiny3-plain.onnx")
     write_small_datasets(out_dir)
     print(f"wrote {out_dir}/tiny3.onnx, tiny3-plain.onnx and dataset samples")
 

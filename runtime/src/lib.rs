@@ -1,1 +1,25 @@
+//! Core of the ClassyNet split-inference runtime.
+//!
+//! Owns everything that does not depend on how samples arrive: the model format ([`format`],
+//! [`model`]), cutting a graph into per-exit segments and partitions ([`partition`]), what a
+//! partition costs in memory ([`planner`]), the class-aware exit rule and policy ([`exit`]), the
+//! backend seam with its ONNX Runtime implementation ([`backend`], [`ort_backend`]), the
+//! segmented runner and its dedicated thread ([`runner`], [`worker`]), dataset readers
+//! ([`dataset`]) and the `classynet` command-line tool ([`cli`]).
+//!
+//! It knows nothing of gRPC, edges or servers: `edge-agent` and `cloud-server` build on it.
 
+pub mod backend;
+pub mod cli;
+pub mod dataset;
+pub mod error;
+pub mod exit;
+pub mod format;
+pub mod model;
+pub mod ort_backend;
+pub mod partition;
+pub mod planner;
+pub mod runner;
+pub mod worker;
+
+pub use error::{Error, Result};

@@ -1,0 +1,189 @@
+//! ONNX Runtime behind the [`Backend`] trait: one session per segment, built from the
+//! partitioner's per-segment graphs, and the discovery of the ONNX Runtime shared library.
+//!
+//! `ort` is built with `load-dynamic`: nothing is downloaded at build time and the library is
+//! opened at run time. It is looked for, in order, at the `--ort-lib` path, at
+//! `ORT_DYLIB_PATH`, in the project's `.venv` (where `scripts/setup` installs the pinned
+//! `onnxruntime` wheel), and finally by the system's loader.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use classynet_proto::onnx;
+use ort::environment::Environment;
+use ort::session::builder::GraphOptimizationLevel;
+use ort::session::Session;
+use ort::value::TensorRef;
+use prost::Message;
+
+use crate::backend::{Backend, SegmentOutput, Tensor};
+use crate::error::{Error, Result};
+use crate::model::Model;
+use crate::partition::{extract, segments};
+
+/// The ONNX Runtime version `scripts/setup` installs; `ort` needs at least API level 31.
+pub const ORT_VERSION: &str = "1.31.1";
+
+/// The loaded library's path and the process-wide environment (sessions need it to live as long
+/// as they do, so it lives for the process).
+static LOADED: OnceLock<std::result::Result<(PathBuf, Environment), String>> = OnceLock::new();
+
+/// Loads ONNX Runtime once per process and returns the library path that was used. Later calls
+/// return the first result whatever `flag` they pass.
+pub fn init_ort(flag: Option<&Path>) -> Result<PathBuf> {
+    env_with(flag).map(|(p, _)| p.clone())
+}
+
+fn env_with(flag: Option<&Path>) -> Result<&'static (PathBuf, Environment)> {
+    LOADED.get_or_init(|| load(flag)).as_ref().map_err(|e| Error::RuntimeLibrary(e.clone()))
+}
+
+fn load(flag: Option<&Path>) -> std::result::Result<(PathBuf, Environment), String> {
+    let mut tried = Vec::new();
+    let candidates: Vec<(PathBuf, &str)> = flag
+        .map(|p| (p.to_path_buf(), "--ort-lib"))
+        .into_iter()
+        .chain(std::env::var_os("ORT_DYLIB_PATH").filter(|v| !v.is_empty()).map(|v| (PathBuf::from(v), "ORT_DYLIB_PATH")))
+        .chain(venv_library().map(|p| (p, "the project's .venv")))
+        .chain([(PathBuf::from("libonnxruntime.so"), "the system library path")])
+        .collect();
+    for (path, from) in candidates {
+        let explicit = from != "the system library path" && from != "the project's .venv";
+        if explicit && !path.exists() {
+            return Err(format!(
+                "ONNX Runtime library {} (from {from}) does not exist; run scripts/setup to install it into .venv",
+                path.display()
+            ));
+        }
+        match ort::init_from(&path) {
+            Ok(builder) => {
+                let env =
+                    builder.with_name("classynet").build().map_err(|e| format!("ONNX Runtime environment: {e}"))?;
+                tracing::debug!(library = %path.display(), from, "loaded ONNX Runtime");
+                return Ok((path, env));
+            }
+            Err(e) if explicit => return Err(format!("cannot load ONNX Runtime from {} ({from}): {e}", path.display())),
+            Err(e) => tried.push(format!("{} ({from}): {e}", path.display())),
+        }
+    }
+    Err(format!(
+        "ONNX Runtime {ORT_VERSION} was not found; run scripts/setup (it installs the library into .venv), or point \
+         --ort-lib / ORT_DYLIB_PATH at libonnxruntime.so. Tried: {}",
+        tried.join("; ")
+    ))
+}
+
+/// `.venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so*` next to the
+/// executable's checkout (walking up from the binary) or the current directory.
+fn venv_library() -> Option<PathBuf> {
+    let mut roots: Vec<PathBuf> = Vec::new();
+    if let Ok(exe) = std::env::current_exe() {
+        roots.extend(exe.ancestors().skip(1).map(Path::to_path_buf));
+    }
+    if let Ok(cwd) = std::env::current_dir() {
+        roots.extend(cwd.ancestors().map(Path::to_path_buf));
+    }
+    roots.iter().find_map(|root| {
+        let lib = root.join(".venv/lib");
+        let py = std::fs::read_dir(&lib).ok()?.flatten().find(|e| e.file_name().to_string_lossy().starts_with("python3"))?;
+        let capi = py.path().join("site-packages/onnxruntime/capi");
+        let mut libs: Vec<PathBuf> = std::fs::read_dir(&capi)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libonnxruntime.so")))
+            .collect();
+        libs.sort();
+        libs.pop()
+    })
+}
+
+/// Session settings shared by every graph a process runs.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionOptions {
+    /// ONNX Runtime intra-op threads per session (0 lets ONNX Runtime choose).
+    pub intra_threads: usize,
+}
+
+/// One ONNX Runtime session over a whole graph; outputs come back in graph output order.
+pub struct OrtGraph {
+    session: Session,
+    input: String,
+    outputs: Vec<String>,
+}
+
+impl OrtGraph {
+    /// Builds a session from an in-memory model.
+    pub fn new(proto: &onnx::ModelProto, opts: SessionOptions) -> Result<OrtGraph> {
+        let bytes = proto.encode_to_vec();
+        OrtGraph::from_bytes(&bytes, opts)
+    }
+
+    /// Builds a session from serialized model bytes.
+    pub fn from_bytes(bytes: &[u8], opts: SessionOptions) -> Result<OrtGraph> {
+        let be = |e: ort::Error| Error::Backend(e.to_string());
+        let (_, env) = env_with(None)?;
+        let mut builder = Session::builder(env)
+            .map_err(be)?
+            .with_optimization_level(GraphOptimizationLevel::All)
+            .map_err(|e| Error::Backend(e.to_string()))?;
+        if opts.intra_threads > 0 {
+            builder = builder.with_intra_threads(opts.intra_threads).map_err(|e| Error::Backend(e.to_string()))?;
+        }
+        let session = builder.commit_from_memory(bytes).map_err(be)?;
+        let input = session.inputs().first().map(|i| i.name().to_string()).unwrap_or_default();
+        let outputs = session.outputs().iter().map(|o| o.name().to_string()).collect();
+        Ok(OrtGraph { session, input, outputs })
+    }
+
+    /// Names of the outputs, in the order [`OrtGraph::run`] returns them.
+    pub fn output_names(&self) -> &[String] {
+        &self.outputs
+    }
+
+    /// Runs the graph on one float32 tensor.
+    pub fn run(&mut self, input: &Tensor) -> Result<Vec<Tensor>> {
+        let be = |e: ort::Error| Error::Backend(e.to_string());
+        let value = TensorRef::from_array_view((input.shape.clone(), input.data.as_slice())).map_err(be)?;
+        let outputs = self.session.run(ort::inputs![self.input.as_str() => value]).map_err(be)?;
+        let mut out = Vec::with_capacity(self.outputs.len());
+        for name in &self.outputs {
+            let (shape, data) = outputs[name.as_str()].try_extract_tensor::<f32>().map_err(be)?;
+            out.push(Tensor { shape: shape.iter().map(|&d| d.max(0) as usize).collect(), data: data.to_vec() });
+        }
+        Ok(out)
+    }
+}
+
+/// A [`Backend`] with one ONNX Runtime session per segment of a model or partition.
+pub struct OrtBackend {
+    graphs: Vec<OrtGraph>,
+}
+
+impl OrtBackend {
+    /// Cuts `model` into its segments and opens a session for each.
+    /// [`init_ort`] must have succeeded first.
+    pub fn new(model: &Model, opts: SessionOptions) -> Result<OrtBackend> {
+        let segs = segments(model)?;
+        let graphs = segs
+            .iter()
+            .map(|s| {
+                let name = format!("{}-segment-E{}", model.name(), s.exit + 1);
+                OrtGraph::new(&extract(model, std::slice::from_ref(s), None, &name), opts)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(OrtBackend { graphs })
+    }
+}
+
+impl Backend for OrtBackend {
+    fn num_segments(&self) -> usize {
+        self.graphs.len()
+    }
+
+    fn run_segment(&mut self, segment: usize, input: &Tensor) -> Result<SegmentOutput> {
+        let mut outs = self.graphs[segment].run(input)?.into_iter();
+        let logits = outs.next().ok_or_else(|| Error::Backend("segment produced no logits".into()))?;
+        Ok(SegmentOutput { logits, cut: outs.next() })
+    }
+}

@@ -1,0 +1,329 @@
+//! The memory planner: what each partition `Ek` costs on the edge, and which is the deepest one
+//! that fits a memory budget.
+//!
+//! For the head of `Ek` (segments 1..=k):
+//! * **weights**: the bytes of every initializer its segments use (element count × element
+//!   size), counted once;
+//! * **activations(B)**: the peak, over the nodes in graph order, of the bytes of all tensors
+//!   alive at once for a batch of B samples. A tensor is alive from the node that produces it
+//!   (the input: from the start) until its last consumer has run; graph outputs (exit logits
+//!   and the cut) stay alive to the end. Per-sample sizes come from the graph's declared shapes
+//!   (`value_info`, as `onnx.shape_inference` writes them); a symbolic leading dimension is the
+//!   batch. This is what a memory-planning executor without in-place reuse needs; ONNX
+//!   Runtime's arena rounds up and may reuse buffers, so its measured peak differs slightly.
+//! * **total** = weights + activations(B);
+//! * the paper's formula, parameters × 4 bytes × B, beside it for comparison.
+
+use std::collections::HashMap;
+
+use classynet_proto::onnx;
+
+use crate::error::{Error, Result};
+use crate::model::{value_shape, Dim, Model};
+use crate::partition::Segment;
+
+/// The cost of one partition.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PartitionCost {
+    /// `E1`..`EM`.
+    pub name: String,
+    /// Number of exits on the edge.
+    pub k: usize,
+    pub params: u64,
+    pub weight_bytes: u64,
+    pub activation_bytes: u64,
+    /// Tensors whose shape the graph does not declare; activations are a lower bound if > 0.
+    pub unknown_shapes: usize,
+    pub batch: usize,
+}
+
+impl PartitionCost {
+    pub fn total(&self) -> u64 {
+        self.weight_bytes + self.activation_bytes
+    }
+
+    /// The paper's estimate: parameters × 4 bytes × batch.
+    pub fn paper_bytes(&self) -> u64 {
+        self.params * 4 * self.batch as u64
+    }
+}
+
+/// Which number a budget is compared with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Formula {
+    /// weights + peak activations for the batch (what the edge really holds).
+    Runtime,
+    /// parameters × 4 bytes × batch, as in the paper's Table IV.
+    Paper,
+}
+
+/// Costs of `E1..EM` for a batch of `batch` samples. `segs` are the full model's segments.
+pub fn plan(model: &Model, segs: &[Segment], batch: usize) -> Vec<PartitionCost> {
+    let g = model.graph();
+    let shapes = declared_shapes(g);
+    (1..=segs.len())
+        .map(|k| {
+            let head = &segs[..k];
+            let mut inits: Vec<usize> = head.iter().flat_map(|s| s.initializers.iter().copied()).collect();
+            inits.sort_unstable();
+            inits.dedup();
+            let (params, weight_bytes) = inits.iter().fold((0u64, 0u64), |(p, b), &i| {
+                let (n, bytes) = tensor_size(&g.initializer[i]);
+                (p + n, b + bytes)
+            });
+            let (activation_bytes, unknown_shapes) = peak_activations(g, head, &shapes, batch);
+            PartitionCost {
+                name: format!("E{k}"),
+                k,
+                params,
+                weight_bytes,
+                activation_bytes,
+                unknown_shapes,
+                batch,
+            }
+        })
+        .collect()
+}
+
+/// The deepest partition whose cost under `formula` is within `budget` bytes, with a sentence
+/// explaining the choice; an error explaining why when none fits.
+pub fn choose(costs: &[PartitionCost], budget: u64, formula: Formula) -> Result<(usize, String)> {
+    let cost = |c: &PartitionCost| match formula {
+        Formula::Runtime => c.total(),
+        Formula::Paper => c.paper_bytes(),
+    };
+    let what = match formula {
+        Formula::Runtime => "weights + activations",
+        Formula::Paper => "params × 4 B × batch",
+    };
+    let fit = costs.iter().rposition(|c| cost(c) <= budget);
+    match fit {
+        Some(i) => {
+            let c = &costs[i];
+            let mut why = format!(
+                "{} is the deepest partition that fits: {} ({what}, batch {}) ≤ budget {}",
+                c.name,
+                human(cost(c)),
+                c.batch,
+                human(budget)
+            );
+            if let Some(next) = costs.get(i + 1) {
+                why.push_str(&format!("; {} would need {}", next.name, human(cost(next))));
+            } else {
+                why.push_str("; every exit runs on the edge");
+            }
+            Ok((i, why))
+        }
+        None => Err(Error::Parse(format!(
+            "no partition fits a budget of {}: the smallest, {}, needs {} ({what}, batch {})",
+            human(budget),
+            costs[0].name,
+            human(cost(&costs[0])),
+            costs[0].batch
+        ))),
+    }
+}
+
+/// Parses `470kB`, `2.31 MB`, `28.5MiB`, `1024` (bytes). kB/MB/GB are powers of 10; KiB/MiB/GiB
+/// powers of 2.
+pub fn parse_size(text: &str) -> Result<u64> {
+    let t = text.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num.parse().map_err(|_| {
+        Error::Parse(format!("size `{text}`: expected a number followed by a unit (B, kB, KiB, MB, MiB, GB, GiB)"))
+    })?;
+    let mult: f64 = match unit.trim() {
+        "" | "B" | "b" => 1.0,
+        "kB" | "KB" | "k" | "K" => 1e3,
+        "KiB" | "kiB" => 1024.0,
+        "MB" | "M" => 1e6,
+        "MiB" => 1024.0 * 1024.0,
+        "GB" | "G" => 1e9,
+        "GiB" => 1024.0 * 1024.0 * 1024.0,
+        other => {
+            return Err(Error::Parse(format!(
+                "size `{text}`: unknown unit `{other}` (expected B, kB, KiB, MB, MiB, GB or GiB; MB = 10^6 bytes, MiB = 2^20)"
+            )))
+        }
+    };
+    Ok((value * mult).round() as u64)
+}
+
+/// Bytes as `2.31 MB` (powers of 10, like the paper's budgets).
+pub fn human(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= 1e9 {
+        format!("{:.2} GB", b / 1e9)
+    } else if b >= 1e6 {
+        format!("{:.2} MB", b / 1e6)
+    } else if b >= 1e3 {
+        format!("{:.1} kB", b / 1e3)
+    } else {
+        format!("{bytes} B")
+    }
+}
+
+fn declared_shapes(g: &onnx::GraphProto) -> HashMap<&str, (Vec<Dim>, usize)> {
+    g.input
+        .iter()
+        .chain(&g.output)
+        .chain(&g.value_info)
+        .filter_map(|v| {
+            let dims = value_shape(v)?;
+            let elem = match v.r#type.as_ref()?.value.as_ref()? {
+                onnx::type_proto::Value::TensorType(t) => elem_bits(t.elem_type()),
+                _ => return None,
+            };
+            Some((v.name(), (dims, elem)))
+        })
+        .collect()
+}
+
+/// Bytes of a tensor for `batch` samples; None when its shape is unknown.
+fn value_bytes(shape: Option<&(Vec<Dim>, usize)>, batch: usize) -> Option<u64> {
+    let (dims, bits) = shape?;
+    let mut n: u64 = 1;
+    for (i, d) in dims.iter().enumerate() {
+        n *= match d {
+            Dim::Fixed(v) => *v as u64,
+            Dim::Symbolic if i == 0 => batch as u64,
+            Dim::Symbolic => return None,
+        };
+    }
+    Some((n * *bits as u64).div_ceil(8))
+}
+
+fn peak_activations(
+    g: &onnx::GraphProto,
+    head: &[Segment],
+    shapes: &HashMap<&str, (Vec<Dim>, usize)>,
+    batch: usize,
+) -> (u64, usize) {
+    let mut nodes: Vec<usize> = head.iter().flat_map(|s| s.nodes.iter().copied()).collect();
+    nodes.sort_unstable();
+    let is_init: std::collections::HashSet<&str> = g.initializer.iter().map(|t| t.name()).collect();
+    let mut outputs: Vec<&str> = head.iter().map(|s| s.logits.as_str()).collect();
+    outputs.extend(head.last().and_then(|s| s.cut.as_deref()));
+    // Last step at which each tensor is read (outputs: never freed).
+    let mut last_use: HashMap<&str, usize> = HashMap::new();
+    for (step, &n) in nodes.iter().enumerate() {
+        for i in &g.node[n].input {
+            last_use.insert(i.as_str(), step);
+        }
+    }
+    for o in &outputs {
+        last_use.insert(o, usize::MAX);
+    }
+    let mut unknown = 0;
+    let mut size = |name: &str| -> u64 {
+        value_bytes(shapes.get(name), batch).unwrap_or_else(|| {
+            unknown += 1;
+            0
+        })
+    };
+    let input = head[0].input.as_str();
+    let mut live: HashMap<&str, u64> = HashMap::from([(input, size(input))]);
+    let mut current: u64 = live.values().sum();
+    let mut peak = current;
+    for (step, &n) in nodes.iter().enumerate() {
+        for o in &g.node[n].output {
+            if o.is_empty() || is_init.contains(o.as_str()) {
+                continue;
+            }
+            let b = size(o);
+            live.insert(o.as_str(), b);
+            current += b;
+        }
+        peak = peak.max(current);
+        live.retain(|name, bytes| {
+            let keep = last_use.get(name).is_some_and(|&s| s > step);
+            if !keep {
+                current -= *bytes;
+            }
+            keep
+        });
+    }
+    (peak, unknown)
+}
+
+/// Element count and bytes of an initializer.
+fn tensor_size(t: &onnx::TensorProto) -> (u64, u64) {
+    let n: u64 = t.dims.iter().map(|&d| d.max(0) as u64).product();
+    let bits = elem_bits(t.data_type()) as u64;
+    (n, (n * bits).div_ceil(8))
+}
+
+/// Bits per element of an ONNX data type (strings and unknown types count as 0).
+fn elem_bits(data_type: i32) -> usize {
+    use onnx::tensor_proto::DataType as T;
+    match T::try_from(data_type) {
+        Ok(T::Float | T::Int32 | T::Uint32) => 32,
+        Ok(T::Double | T::Int64 | T::Uint64 | T::Complex64) => 64,
+        Ok(T::Complex128) => 128,
+        Ok(T::Float16 | T::Bfloat16 | T::Int16 | T::Uint16) => 16,
+        Ok(T::Uint8 | T::Int8 | T::Bool) => 8,
+        Ok(T::Uint4 | T::Int4) => 4,
+        Ok(t) if t.as_str_name().starts_with("FLOAT8") => 8,
+        Ok(t) if t.as_str_name().starts_with("FLOAT4") => 4,
+        _ => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::tests::tiny3;
+    use crate::partition::segments;
+
+    #[test]
+    fn sizes_parse_with_decimal_and_binary_units() {
+        assert_eq!(parse_size("470kB").unwrap(), 470_000);
+        assert_eq!(parse_size("2.31 MB").unwrap(), 2_310_000);
+        assert_eq!(parse_size("28.5MiB").unwrap(), 29_884_416);
+        assert_eq!(parse_size("1KiB").unwrap(), 1024);
+        assert_eq!(parse_size("112MB").unwrap(), 112_000_000);
+        assert_eq!(parse_size("512").unwrap(), 512);
+        let e = parse_size("5 parsecs").unwrap_err().to_string();
+        assert!(e.contains("unknown unit `parsecs`") && e.contains("MiB = 2^20"), "{e}");
+        assert!(parse_size("MB").is_err());
+    }
+
+    /// tiny3 counted by hand (see scripts/make-models.py): parameters 26 / 50 / 12 per segment.
+    /// Activations for batch B, per sample (floats): input 16; segment 1: conv 32, cut1 32,
+    /// pool 2, flatten 2, exit1 2; segment 2: conv2_out 32, relu 32, cut2 32, pool 2, flatten 2,
+    /// exit2 4; segment 3: conv 64, pool 4, exit3 4.
+    #[test]
+    fn tiny3_costs_match_a_hand_count() {
+        let m = tiny3();
+        let segs = segments(&m).unwrap();
+        let costs = plan(&m, &segs, 2);
+        assert_eq!(costs.iter().map(|c| c.params).collect::<Vec<_>>(), vec![26, 76, 88]);
+        assert_eq!(costs.iter().map(|c| c.weight_bytes).collect::<Vec<_>>(), vec![104, 304, 352]);
+        assert!(costs.iter().all(|c| c.unknown_shapes == 0));
+        // E1, batch 2, in floats: after the conv: input 16 + conv 32 = 48 (peak so far); after
+        // relu: input freed... the largest moment is conv + cut1 alive together (32 + 32 = 64),
+        // plus exit1 held to the end. Peak = 64 floats per sample -> 64 * 4 B * 2.
+        assert_eq!(costs[0].activation_bytes, 64 * 4 * 2);
+        assert_eq!(costs[0].total(), 104 + 512);
+        assert_eq!(costs[0].paper_bytes(), 26 * 4 * 2);
+        // Deeper heads need at least as much.
+        assert!(costs.windows(2).all(|w| w[1].total() >= w[0].total()));
+    }
+
+    #[test]
+    fn the_budget_picks_the_deepest_fitting_partition() {
+        let m = tiny3();
+        let costs = plan(&m, &segments(&m).unwrap(), 1);
+        let (i, why) = choose(&costs, costs[1].total(), Formula::Runtime).unwrap();
+        assert_eq!(i, 1);
+        assert!(why.starts_with("E2 is the deepest partition that fits") && why.contains("E3 would need"), "{why}");
+        let (i, why) = choose(&costs, u64::MAX, Formula::Runtime).unwrap();
+        assert_eq!(i, 2);
+        assert!(why.contains("every exit runs on the edge"));
+        let e = choose(&costs, 10, Formula::Runtime).unwrap_err().to_string();
+        assert!(e.contains("no partition fits a budget of 10 B") && e.contains("E1"), "{e}");
+        let (i, _) = choose(&costs, 26 * 4, Formula::Paper).unwrap();
+        assert_eq!(i, 0);
+    }
+}

@@ -1,0 +1,259 @@
+//! The segmented runner: feeds a batch through the segments a backend holds, applies the exit
+//! rule after each, and compacts the batch to the samples still running before the next
+//! segment. Samples that pass every segment it holds are handed back with their cut tensor,
+//! ready to be forwarded (an edge head) — for a full model the last exit answers everything.
+
+use crate::backend::{Backend, Tensor};
+use crate::error::{Error, Result};
+use crate::exit::{Answer, ExitRule, Outcome, Policy};
+
+/// The fate of one sample of a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SampleResult {
+    Answered(Answer),
+    /// Non-finite logits at the last exit; the message says where.
+    Failed(String),
+    /// Still running after the last segment held here; see [`BatchOutcome::forward`].
+    Forwarded,
+}
+
+/// Samples that left the held segments unanswered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Forward {
+    /// Their positions in the input batch.
+    pub rows: Vec<usize>,
+    /// Their cut tensor, one row each, in `rows` order.
+    pub cut: Tensor,
+}
+
+/// Result of one batch, in input order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchOutcome {
+    pub results: Vec<SampleResult>,
+    pub forward: Option<Forward>,
+}
+
+/// Runs the segments of one backend with the exit rules of the exits it holds.
+pub struct SegmentedRunner<B> {
+    backend: B,
+    /// Index of the first exit held (0 for a model or a head).
+    first_exit: usize,
+    rules: Vec<ExitRule>,
+    policy_version: u64,
+    /// Expected shape of one input sample, when known (checked before anything runs).
+    sample_shape: Option<Vec<usize>>,
+}
+
+impl<B: Backend> SegmentedRunner<B> {
+    /// `first_exit` is the model exit index of the backend's segment 0; `policy` covers every
+    /// exit of the model.
+    pub fn new(backend: B, first_exit: usize, policy: &Policy, sample_shape: Option<Vec<usize>>) -> Result<Self> {
+        let mut r = SegmentedRunner { backend, first_exit, rules: Vec::new(), policy_version: 0, sample_shape };
+        r.set_policy(policy)?;
+        Ok(r)
+    }
+
+    /// Swaps the exit rules; the next batch uses them.
+    pub fn set_policy(&mut self, policy: &Policy) -> Result<()> {
+        let n = self.backend.num_segments();
+        let rules = policy.rules.get(self.first_exit..self.first_exit + n).ok_or_else(|| {
+            Error::Policy(format!(
+                "policy covers {} exits, but this runner holds exits {}..{}",
+                policy.rules.len(),
+                self.first_exit + 1,
+                self.first_exit + n
+            ))
+        })?;
+        self.rules = rules.to_vec();
+        self.policy_version = policy.version;
+        Ok(())
+    }
+
+    /// Version of the policy in force.
+    pub fn policy_version(&self) -> u64 {
+        self.policy_version
+    }
+
+    /// Runs one batch (`[n, ...]`).
+    pub fn run(&mut self, input: Tensor) -> Result<BatchOutcome> {
+        let n = input.batch();
+        if let Some(want) = &self.sample_shape {
+            if input.shape.len() != want.len() + 1 || input.shape[1..] != want[..] || n == 0 {
+                return Err(Error::Input(format!(
+                    "expected a float32 batch of shape [N, {}] with N ≥ 1, found {:?}",
+                    want.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "),
+                    input.shape
+                )));
+            }
+        }
+        let mut results = vec![SampleResult::Forwarded; n];
+        // Positions in the original batch of the rows of `current`.
+        let mut alive: Vec<usize> = (0..n).collect();
+        let mut current = input;
+        for (seg, rule) in self.rules.iter().enumerate() {
+            let out = self.backend.run_segment(seg, &current)?;
+            if out.logits.shape != [alive.len(), rule.width()] {
+                return Err(Error::Backend(format!(
+                    "exit {} returned logits of shape {:?}, expected [{}, {}]",
+                    rule.name,
+                    out.logits.shape,
+                    alive.len(),
+                    rule.width()
+                )));
+            }
+            let mut keep = Vec::with_capacity(alive.len());
+            for (row, outcome) in rule.decide(&out.logits.data).into_iter().enumerate() {
+                let at = alive[row];
+                match outcome {
+                    Outcome::Exit(a) => results[at] = SampleResult::Answered(a),
+                    Outcome::Failed(m) => results[at] = SampleResult::Failed(m),
+                    Outcome::Continue => keep.push(row),
+                }
+            }
+            let Some(cut) = out.cut else {
+                debug_assert!(keep.is_empty(), "the last exit answers every sample");
+                return Ok(BatchOutcome { results, forward: None });
+            };
+            // Compaction: only the samples that did not exit go on. When none exited the cut
+            // tensor is passed on as it is (no copy).
+            current = if keep.len() == alive.len() { cut } else { cut.gather(&keep) };
+            alive = keep.iter().map(|&r| alive[r]).collect();
+            if alive.is_empty() {
+                return Ok(BatchOutcome { results, forward: None });
+            }
+        }
+        Ok(BatchOutcome { results, forward: Some(Forward { rows: alive, cut: current }) })
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::backend::SegmentOutput;
+    use crate::format::ModelMeta;
+
+    /// A fake backend over 1-value samples: segment s's logits put `x` on the logit whose class
+    /// is `x mod K`, with confidence growing with depth; the cut passes `x` on unchanged.
+    pub(crate) struct Fake {
+        pub segments: usize,
+        pub widths: Vec<usize>,
+        pub calls: Vec<(usize, usize)>,
+    }
+
+    impl Backend for Fake {
+        fn num_segments(&self) -> usize {
+            self.segments
+        }
+        fn run_segment(&mut self, segment: usize, input: &Tensor) -> Result<SegmentOutput> {
+            self.calls.push((segment, input.batch()));
+            let w = self.widths[segment];
+            let mut logits = vec![0f32; input.batch() * w];
+            for (i, &x) in input.data.iter().enumerate() {
+                if x.is_nan() {
+                    logits[i * w] = f32::NAN;
+                } else {
+                    // Sample value v: strong logit at index (v mod w) only from segment v/10 on.
+                    let v = x as usize;
+                    let strong = segment >= v / 10;
+                    logits[i * w + v % w] = if strong { 20.0 } else { 0.1 };
+                }
+            }
+            let cut = (segment + 1 < self.segments || self.segments < self.widths.len()).then(|| input.clone());
+            Ok(SegmentOutput { logits: Tensor::new(vec![input.batch(), w], logits)?, cut })
+        }
+    }
+
+    pub(crate) fn meta3() -> ModelMeta {
+        ModelMeta::from_json(
+            &serde_json::json!({
+                "format_version": 1,
+                "classes": ["a", "b", "c", "d"],
+                "input": {"shape": [1, 1, 1], "mean": [0.0], "std": [1.0]},
+                "exits": [
+                    {"name": "E1", "logits": "o1", "cut": "c1", "classes": [0, 1, 2, 3], "bag": false, "threshold": 0.5},
+                    {"name": "E2", "logits": "o2", "cut": "c2", "classes": [0, 1, 2, 3], "bag": false, "threshold": 0.5},
+                    {"name": "E3", "logits": "o3", "cut": null, "classes": [0, 1, 2, 3], "bag": false, "threshold": null}
+                ]
+            })
+            .to_string(),
+        )
+        .unwrap()
+    }
+
+    fn batch(values: &[f32]) -> Tensor {
+        Tensor::new(vec![values.len(), 1, 1, 1], values.to_vec()).unwrap()
+    }
+
+    fn exits_of(out: &BatchOutcome) -> Vec<Option<(u32, usize)>> {
+        out.results
+            .iter()
+            .map(|r| match r {
+                SampleResult::Answered(a) => Some((a.class, a.exit)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn samples_leave_at_their_exit_and_batches_shrink() {
+        let fake = Fake { segments: 3, widths: vec![4, 4, 4], calls: vec![] };
+        let mut r = SegmentedRunner::new(fake, 0, &Policy::defaults(&meta3()), Some(vec![1, 1, 1])).unwrap();
+        // values 1, 2 are confident at E1; 13 at E2; 25 only reaches confidence at E3.
+        let out = r.run(batch(&[13.0, 1.0, 25.0, 2.0])).unwrap();
+        assert_eq!(exits_of(&out), vec![Some((1, 1)), Some((1, 0)), Some((1, 2)), Some((2, 0))]);
+        assert_eq!(out.forward, None);
+        assert_eq!(r.backend.calls, vec![(0, 4), (1, 2), (2, 1)], "each segment sees only the survivors");
+    }
+
+    #[test]
+    fn a_head_forwards_survivors_with_their_cut_rows() {
+        let fake = Fake { segments: 2, widths: vec![4, 4, 4], calls: vec![] };
+        let mut r = SegmentedRunner::new(fake, 0, &Policy::defaults(&meta3()), None).unwrap();
+        let out = r.run(batch(&[25.0, 1.0, 31.0])).unwrap();
+        assert_eq!(out.results[1], SampleResult::Answered(match &out.results[1] {
+            SampleResult::Answered(a) => *a,
+            _ => panic!("sample 1 exits at E1"),
+        }));
+        assert_eq!(out.results[0], SampleResult::Forwarded);
+        let f = out.forward.unwrap();
+        assert_eq!(f.rows, vec![0, 2]);
+        assert_eq!(f.cut.data, vec![25.0, 31.0], "forwarded rows keep input order");
+    }
+
+    #[test]
+    fn a_tail_starts_at_its_first_exit_and_nan_fails_only_its_sample() {
+        let fake = Fake { segments: 1, widths: vec![4], calls: vec![] };
+        let mut r = SegmentedRunner::new(fake, 2, &Policy::defaults(&meta3()), None).unwrap();
+        let out = r.run(batch(&[f32::NAN, 3.0])).unwrap();
+        assert!(matches!(&out.results[0], SampleResult::Failed(m) if m.contains("E3")));
+        assert_eq!(exits_of(&out)[1], Some((3, 2)));
+    }
+
+    #[test]
+    fn disabling_every_early_exit_runs_all_segments_on_the_whole_batch() {
+        let file = crate::exit::PolicyFile::from_json(
+            r#"{"version": 7, "exits": [{"name": "E1", "disabled": true}, {"name": "E2", "disabled": true}]}"#,
+        )
+        .unwrap();
+        let policy = Policy::resolve(&meta3(), &file).unwrap();
+        let fake = Fake { segments: 3, widths: vec![4, 4, 4], calls: vec![] };
+        let mut r = SegmentedRunner::new(fake, 0, &policy, None).unwrap();
+        let out = r.run(batch(&[1.0, 2.0])).unwrap();
+        assert_eq!(r.policy_version(), 7);
+        assert!(exits_of(&out).iter().all(|e| e.unwrap().1 == 2));
+        assert_eq!(r.backend.calls, vec![(0, 2), (1, 2), (2, 2)]);
+    }
+
+    #[test]
+    fn a_batch_of_the_wrong_shape_is_refused_before_running() {
+        let fake = Fake { segments: 3, widths: vec![4, 4, 4], calls: vec![] };
+        let mut r = SegmentedRunner::new(fake, 0, &Policy::defaults(&meta3()), Some(vec![1, 1, 1])).unwrap();
+        let e = r.run(Tensor::new(vec![2, 3, 1, 1], vec![0.0; 6]).unwrap()).unwrap_err().to_string();
+        assert_eq!(e, "input: expected a float32 batch of shape [N, 1, 1, 1] with N ≥ 1, found [2, 3, 1, 1]");
+        assert!(r.backend.calls.is_empty());
+        // A backend whose logits are not the exit's width is a backend error, not a wrong answer.
+        let fake = Fake { segments: 3, widths: vec![3, 4, 4], calls: vec![] };
+        let mut r = SegmentedRunner::new(fake, 0, &Policy::defaults(&meta3()), None).unwrap();
+        assert!(r.run(batch(&[1.0])).unwrap_err().to_string().contains("expected [1, 4]"));
+    }
+}
