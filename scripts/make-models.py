@@ -76,11 +76,11 @@ class Graph:
             b = self.rng.normal(0, 0.05, (fout,))
         return self.op("Gemm", [x, self.init("fc_w", w), self.init("fc_b", b)], out, transB=1)
 
-    def head(self, x: str, c: int, k: int, out: str) -> str:
+    def head(self, x: str, c: int, k: int, out: str, w: np.ndarray | None = None) -> str:
         """Exit head: global average pooling, then a linear layer (c*k + k parameters)."""
         p = self.op("GlobalAveragePool", [x])
         f = self.op("Flatten", [p], axis=1)
-        return self.gemm(f, c, k, out)
+        return self.gemm(f, c, k, out, w=w, b=None if w is None else np.zeros(k))
 
     def model(self, inputs, outputs, meta: dict | None) -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, "classynet", inputs, outputs, self.inits)
@@ -110,11 +110,13 @@ def fixtures() -> None:
         g = Graph(np.random.default_rng(7))
         x = g.conv("input", 1, 2, 3)
         cut1 = g.op("Relu", [x], "cut1")
-        g.head(cut1, 2, e1_width, "exit1")
+        # Exit heads that compare the two channels, so that inputs spread over classes and exits.
+        e1 = np.array([[4.0, -4.0], [-4.0, 4.0]] if e1_width == 2 else [[4, -4], [-4, 4], [2, 2], [-2, -2]])
+        g.head(cut1, 2, e1_width, "exit1", w=e1)
         y = g.conv(cut1, 2, 2, 3, out="conv2_out")
         y = g.op("Relu", [y])
         cut2 = g.op("Add", [y, cut1], "cut2")  # a residual link: cut1 is needed by segment 2 only
-        g.head(cut2, 2, 4, "exit2")
+        g.head(cut2, 2, 4, "exit2", w=np.array([[3.0, -3.0], [-3.0, 3.0], [1.5, 1.5], [-1.5, -1.5]]))
         z = g.conv(cut2, 2, 4, 1)
         p = g.op("GlobalAveragePool", [z])
         g.op("Flatten", [p], "exit3", axis=1)

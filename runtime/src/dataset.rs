@@ -1,10 +1,11 @@
-//! Labelled image datasets for evaluation: this module owns every dataset file format the runtime
-//! reads (Fashion-MNIST and other IDX files, CIFAR-10 binary batches, numpy `.npz` archives), turns
-//! them into one in-memory form ([`Dataset`]: NCHW pixels plus `i64` labels), and normalises single
-//! samples into model input. The formats are parsed here rather than through format crates so that
-//! every malformed file is reported as [`Error::Dataset`] naming the file, what was expected and
-//! what was found, and so that no reader panics or over-allocates on hostile input: sizes in headers
-//! are always checked against the bytes actually present before they are trusted.
+//! Labelled image datasets for evaluation: this module owns every dataset file format the
+//! runtime reads (Fashion-MNIST and other IDX files, CIFAR-10 binary batches, numpy `.npz`
+//! archives), turns them into one in-memory form ([`Dataset`]: NCHW pixels plus `i64` labels),
+//! and normalises single samples into model input. The formats are parsed here rather than
+//! through format crates so that every malformed file is reported as [`Error::Dataset`] naming
+//! the file, what was expected and what was found, and so that no reader panics or
+//! over-allocates on hostile input: sizes in headers are always checked against the bytes
+//! actually present before they are trusted.
 
 use std::fs;
 use std::io::{BufReader, Read};
@@ -630,7 +631,7 @@ fn parse_npy(mut bytes: Vec<u8>) -> Result<Npy, String> {
     let header_end = header_start.saturating_add(header_len);
     let Some(header) = bytes.get(header_start..header_end) else {
         return Err(format!(
-            "the .npy header claims {header_len} bytes, but the file has only {} bytes after the length",
+            "the .npy header claims {header_len} bytes, but only {} bytes follow the length",
             bytes.len().saturating_sub(header_start)
         ));
     };
@@ -720,18 +721,11 @@ fn npz_images(x: Npy) -> Result<([usize; 3], Pixels), String> {
     };
     let pixels = match x.dtype {
         Dtype::U8 => Pixels::U8(x.data),
-        Dtype::F32 => Pixels::F32(
-            x.data
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-        ),
+        Dtype::F32 => Pixels::F32(words(&x.data).map(f32::from_le_bytes).collect()),
+        // float64 pixels are narrowed: model inputs are float32 anyway.
         Dtype::F64 => Pixels::F32(
-            x.data
-                .chunks_exact(8)
-                .map(|b| {
-                    f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32
-                })
+            words(&x.data)
+                .map(|b| f64::from_le_bytes(b) as f32)
                 .collect(),
         ),
         other => {
@@ -746,6 +740,7 @@ fn npz_images(x: Npy) -> Result<([usize; 3], Pixels), String> {
 
 /// Converts array `y` (N, or N x 1 as Keras saves CIFAR labels) of integers into labels.
 fn npz_labels(y: &Npy) -> Result<Vec<i64>, String> {
+    const INTEGER_DTYPES: &str = "uint8, int8, uint16, int16, uint32, int32, int64";
     if !matches!(*y.shape.as_slice(), [_] | [_, 1]) {
         return Err(format!(
             "expected a 1-dimensional label array (N or N x 1), found shape {:?}",
@@ -754,22 +749,29 @@ fn npz_labels(y: &Npy) -> Result<Vec<i64>, String> {
     }
     let d = &y.data;
     Ok(match y.dtype {
-        Dtype::U8 => d.iter().map(|&v| i64::from(v)).collect(),
-        Dtype::I8 => d.iter().map(|&v| i64::from(i8::from_le_bytes([v]))).collect(),
-        Dtype::U16 => d.chunks_exact(2).map(|b| i64::from(u16::from_le_bytes([b[0], b[1]]))).collect(),
-        Dtype::I16 => d.chunks_exact(2).map(|b| i64::from(i16::from_le_bytes([b[0], b[1]]))).collect(),
-        Dtype::U32 => d.chunks_exact(4).map(|b| i64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))).collect(),
-        Dtype::I32 => d.chunks_exact(4).map(|b| i64::from(i32::from_le_bytes([b[0], b[1], b[2], b[3]]))).collect(),
-        Dtype::I64 => d
-            .chunks_exact(8)
-            .map(|b| i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
-            .collect(),
+        Dtype::U8 => words(d).map(|b| i64::from(u8::from_le_bytes(b))).collect(),
+        Dtype::I8 => words(d).map(|b| i64::from(i8::from_le_bytes(b))).collect(),
+        Dtype::U16 => words(d).map(|b| i64::from(u16::from_le_bytes(b))).collect(),
+        Dtype::I16 => words(d).map(|b| i64::from(i16::from_le_bytes(b))).collect(),
+        Dtype::U32 => words(d).map(|b| i64::from(u32::from_le_bytes(b))).collect(),
+        Dtype::I32 => words(d).map(|b| i64::from(i32::from_le_bytes(b))).collect(),
+        Dtype::I64 => words(d).map(i64::from_le_bytes).collect(),
         other => {
             return Err(format!(
-                "expected an integer dtype (uint8, int8, uint16, int16, uint32, int32, int64), found {}",
+                "expected an integer dtype ({INTEGER_DTYPES}), found {}",
                 other.numpy_name()
             ))
         }
+    })
+}
+
+/// Splits a payload into fixed-size words for `from_le_bytes`; the payload length has already
+/// been checked to be a multiple of `N`.
+fn words<const N: usize>(data: &[u8]) -> impl Iterator<Item = [u8; N]> + '_ {
+    data.chunks_exact(N).map(|chunk| {
+        let mut word = [0; N];
+        word.copy_from_slice(chunk);
+        word
     })
 }
 
@@ -1366,7 +1368,9 @@ mod tests {
     #[test]
     fn fashion_mnist_test_from_debian_package() {
         if !Path::new(FASHION_MNIST_DIR).is_dir() {
-            eprintln!("skipped: {FASHION_MNIST_DIR} is absent (package dataset-fashion-mnist not installed)");
+            eprintln!(
+                "skipped: {FASHION_MNIST_DIR} is absent (dataset-fashion-mnist not installed)"
+            );
             return;
         }
         let ds = Dataset::open("fashion-mnist:test", None).unwrap();

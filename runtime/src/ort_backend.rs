@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use classynet_proto::onnx;
-use ort::environment::Environment;
+use ort::environment::{Environment, GlobalThreadPoolOptions};
 use ort::session::builder::GraphOptimizationLevel;
 use ort::session::Session;
 use ort::value::TensorRef;
@@ -29,16 +29,28 @@ pub const ORT_VERSION: &str = "1.31.1";
 static LOADED: OnceLock<std::result::Result<(PathBuf, Environment), String>> = OnceLock::new();
 
 /// Loads ONNX Runtime once per process and returns the library path that was used. Later calls
-/// return the first result whatever `flag` they pass.
-pub fn init_ort(flag: Option<&Path>) -> Result<PathBuf> {
-    env_with(flag).map(|(p, _)| p.clone())
+/// return the first result whatever they pass.
+///
+/// Every session of the process shares one intra-op thread pool of `intra_threads` threads
+/// (0: ONNX Runtime's choice, one per core). A segmented model opens one session per exit; with
+/// a pool each, their idle threads would spin against each other on a small device.
+pub fn init_ort(flag: Option<&Path>, intra_threads: usize) -> Result<PathBuf> {
+    LOADED
+        .get_or_init(|| load(flag, intra_threads))
+        .as_ref()
+        .map(|(p, _)| p.clone())
+        .map_err(|e| Error::RuntimeLibrary(e.clone()))
 }
 
-fn env_with(flag: Option<&Path>) -> Result<&'static (PathBuf, Environment)> {
-    LOADED.get_or_init(|| load(flag)).as_ref().map_err(|e| Error::RuntimeLibrary(e.clone()))
+fn environment() -> Result<&'static Environment> {
+    match LOADED.get() {
+        Some(Ok((_, env))) => Ok(env),
+        Some(Err(e)) => Err(Error::RuntimeLibrary(e.clone())),
+        None => Err(Error::RuntimeLibrary("ONNX Runtime is not loaded yet (call init_ort first)".into())),
+    }
 }
 
-fn load(flag: Option<&Path>) -> std::result::Result<(PathBuf, Environment), String> {
+fn load(flag: Option<&Path>, intra_threads: usize) -> std::result::Result<(PathBuf, Environment), String> {
     let mut tried = Vec::new();
     let candidates: Vec<(PathBuf, &str)> = flag
         .map(|p| (p.to_path_buf(), "--ort-lib"))
@@ -57,8 +69,10 @@ fn load(flag: Option<&Path>) -> std::result::Result<(PathBuf, Environment), Stri
         }
         match ort::init_from(&path) {
             Ok(builder) => {
+                let env_err = |e: ort::Error| format!("ONNX Runtime environment: {e}");
+                let pool = GlobalThreadPoolOptions::default().with_intra_threads(intra_threads).map_err(env_err)?;
                 let env =
-                    builder.with_name("classynet").build().map_err(|e| format!("ONNX Runtime environment: {e}"))?;
+                    builder.with_name("classynet").with_global_thread_pool(pool).build().map_err(env_err)?;
                 tracing::debug!(library = %path.display(), from, "loaded ONNX Runtime");
                 return Ok((path, env));
             }
@@ -99,10 +113,10 @@ fn venv_library() -> Option<PathBuf> {
 }
 
 /// Session settings shared by every graph a process runs.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct SessionOptions {
-    /// ONNX Runtime intra-op threads per session (0 lets ONNX Runtime choose).
-    pub intra_threads: usize,
+    /// Graph optimisation off, for debugging numerical differences (default: all levels on).
+    pub no_optimization: bool,
 }
 
 /// One ONNX Runtime session over a whole graph; outputs come back in graph output order.
@@ -122,15 +136,13 @@ impl OrtGraph {
     /// Builds a session from serialized model bytes.
     pub fn from_bytes(bytes: &[u8], opts: SessionOptions) -> Result<OrtGraph> {
         let be = |e: ort::Error| Error::Backend(e.to_string());
-        let (_, env) = env_with(None)?;
-        let mut builder = Session::builder(env)
+        let level = if opts.no_optimization { GraphOptimizationLevel::Disable } else { GraphOptimizationLevel::All };
+        let session = Session::builder(environment()?)
             .map_err(be)?
-            .with_optimization_level(GraphOptimizationLevel::All)
-            .map_err(|e| Error::Backend(e.to_string()))?;
-        if opts.intra_threads > 0 {
-            builder = builder.with_intra_threads(opts.intra_threads).map_err(|e| Error::Backend(e.to_string()))?;
-        }
-        let session = builder.commit_from_memory(bytes).map_err(be)?;
+            .with_optimization_level(level)
+            .map_err(|e| Error::Backend(e.to_string()))?
+            .commit_from_memory(bytes)
+            .map_err(be)?;
         let input = session.inputs().first().map(|i| i.name().to_string()).unwrap_or_default();
         let outputs = session.outputs().iter().map(|o| o.name().to_string()).collect();
         Ok(OrtGraph { session, input, outputs })
