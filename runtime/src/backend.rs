@@ -5,6 +5,8 @@
 //! ([`crate::ort_backend`]). Backends are driven from one dedicated thread each
 //! ([`crate::worker`]), never from async tasks.
 
+use std::ops::Range;
+
 use crate::error::{Error, Result};
 
 /// A dense float32 tensor, row-major.
@@ -61,15 +63,23 @@ pub struct SegmentOutput {
 
 /// Runs the segments of one model (or partition) on batches.
 ///
-/// `segment` counts from 0 within what the backend holds (the first segment of a tail is 0).
-/// Implementations own their sessions and are used from a single thread; they need not be
-/// `Sync`.
+/// Segments count from 0 within what the backend holds (the first segment of a tail is 0).
+/// The runner hands over *groups*: consecutive segments with no enabled exit between them run
+/// as one unit, because nothing can leave at a disabled exit and a boundary costs time (layout
+/// conversions, unfused operators at the seam). Implementations own their sessions and are
+/// used from a single thread; they need not be `Sync`.
 pub trait Backend: Send {
     /// Number of segments this backend can run.
     fn num_segments(&self) -> usize;
 
-    /// Runs `segment` on `input` (`[n, ...]`, n ≥ 1).
-    fn run_segment(&mut self, segment: usize, input: &Tensor) -> Result<SegmentOutput>;
+    /// Called before the first batch and whenever the exit policy changes, with the groups
+    /// that [`Backend::run_group`] will be asked for. A backend may build what they need here
+    /// and drop what they no longer need.
+    fn prepare(&mut self, groups: &[Range<usize>]) -> Result<()>;
+
+    /// Runs the segments of `group` (one of the prepared groups) on `input` (`[n, ...]`,
+    /// n ≥ 1): the logits of the group's last exit and the cut after its last segment.
+    fn run_group(&mut self, group: Range<usize>, input: &Tensor) -> Result<SegmentOutput>;
 }
 
 #[cfg(test)]

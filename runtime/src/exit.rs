@@ -63,6 +63,12 @@ impl ExitRule {
         self.class_of.len()
     }
 
+    /// Whether any sample can leave here: the last exit, or an enabled exit with at least one
+    /// allowed class.
+    pub fn can_exit(&self) -> bool {
+        self.last || (self.threshold.is_some() && self.allowed.iter().any(|&a| a))
+    }
+
     /// Decides every sample of a `[n, width]` logits block (row-major).
     pub fn decide(&self, logits: &[f32]) -> Vec<Outcome> {
         let w = self.width();

@@ -6,6 +6,8 @@
 //! `ORT_DYLIB_PATH`, in the project's `.venv` (where `scripts/setup` installs the pinned
 //! `onnxruntime` wheel), and finally by the system's loader.
 
+use std::collections::HashMap;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -19,7 +21,7 @@ use prost::Message;
 use crate::backend::{Backend, SegmentOutput, Tensor};
 use crate::error::{Error, Result};
 use crate::model::Model;
-use crate::partition::{extract, segments};
+use crate::partition::{extract, segments, Logits, Segment};
 
 /// The ONNX Runtime version `scripts/setup` installs; `ort` needs at least API level 31.
 pub const ORT_VERSION: &str = "1.31.1";
@@ -167,34 +169,59 @@ impl OrtGraph {
     }
 }
 
-/// A [`Backend`] with one ONNX Runtime session per segment of a model or partition.
+/// A [`Backend`] over ONNX Runtime: one session per group of segments the runner asks for,
+/// built from the partitioner's graphs. Sessions follow the policy: [`Backend::prepare`]
+/// builds the groups a new policy needs and drops the others, so the weights are held once.
 pub struct OrtBackend {
-    graphs: Vec<OrtGraph>,
+    model: Model,
+    segments: Vec<Segment>,
+    opts: SessionOptions,
+    sessions: HashMap<Range<usize>, OrtGraph>,
 }
 
 impl OrtBackend {
-    /// Cuts `model` into its segments and opens a session for each.
+    /// Cuts `model` into its segments; sessions are opened by [`Backend::prepare`].
     /// [`init_ort`] must have succeeded first.
     pub fn new(model: &Model, opts: SessionOptions) -> Result<OrtBackend> {
-        let segs = segments(model)?;
-        let graphs = segs
-            .iter()
-            .map(|s| {
-                let name = format!("{}-segment-E{}", model.name(), s.exit + 1);
-                OrtGraph::new(&extract(model, std::slice::from_ref(s), None, &name), opts)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(OrtBackend { graphs })
+        environment()?;
+        let segments = segments(model)?;
+        Ok(OrtBackend { model: model.clone(), segments, opts, sessions: HashMap::new() })
     }
 }
 
 impl Backend for OrtBackend {
     fn num_segments(&self) -> usize {
-        self.graphs.len()
+        self.segments.len()
     }
 
-    fn run_segment(&mut self, segment: usize, input: &Tensor) -> Result<SegmentOutput> {
-        let mut outs = self.graphs[segment].run(input)?.into_iter();
+    fn prepare(&mut self, groups: &[Range<usize>]) -> Result<()> {
+        let mut next = HashMap::new();
+        for g in groups {
+            let graph = match self.sessions.remove(g) {
+                Some(s) => s,
+                None => {
+                    let segs = &self.segments[g.clone()];
+                    let name = format!(
+                        "{}-E{}..E{}",
+                        self.model.name(),
+                        segs[0].exit + 1,
+                        segs[segs.len() - 1].exit + 1
+                    );
+                    OrtGraph::new(&extract(&self.model, segs, Logits::Last, None, &name), self.opts)?
+                }
+            };
+            next.insert(g.clone(), graph);
+        }
+        self.sessions = next;
+        Ok(())
+    }
+
+    fn run_group(&mut self, group: Range<usize>, input: &Tensor) -> Result<SegmentOutput> {
+        let graph = self
+            .sessions
+            .get_mut(&group)
+            .ok_or_else(|| Error::Backend(format!("segments {group:?} were not prepared")))?;
+        let mut outs = graph.run(input)?.into_iter();
         let logits = outs.next().ok_or_else(|| Error::Backend("segment produced no logits".into()))?;
         Ok(SegmentOutput { logits, cut: outs.next() })
     }

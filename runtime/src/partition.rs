@@ -173,31 +173,70 @@ pub fn extract_side(model: &Model, segs: &[Segment], side: &Side) -> Result<onnx
         PartitionRole::Tail => "tail",
     };
     let graph_name = format!("{}-{role}-E{}", model.name(), side.k);
-    Ok(extract(model, &segs[range], Some(&meta.to_json()), &graph_name))
+    Ok(extract(model, &segs[range], Logits::Every, Some(&meta.to_json()), &graph_name))
+}
+
+/// Which exits' logits an extracted graph outputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Every segment's exit (partition files).
+    Every,
+    /// Only the last segment's exit; the heads of the others are pruned away (a runner group
+    /// whose inner exits are disabled).
+    Last,
 }
 
 /// Builds a standalone model computing the given consecutive segments (they must come from
-/// [`segments`] of `model`). Its input is the first segment's input; its outputs are every
-/// segment's logits, then the last segment's cut if it has one. `meta_json` replaces the
-/// `classynet` metadata (None drops it, for internal per-segment sessions).
-pub fn extract(model: &Model, segs: &[Segment], meta_json: Option<&str>, graph_name: &str) -> onnx::ModelProto {
+/// [`segments`] of `model`). Its input is the first segment's input; its outputs are the exit
+/// logits `logits` asks for, then the last segment's cut if it has one. Only nodes and
+/// initializers those outputs need are kept. `meta_json` replaces the `classynet` metadata
+/// (None drops it, for the runner's internal sessions).
+pub fn extract(
+    model: &Model,
+    segs: &[Segment],
+    logits: Logits,
+    meta_json: Option<&str>,
+    graph_name: &str,
+) -> onnx::ModelProto {
     let g = model.graph();
     let first = segs.first().expect("extract is called with at least one segment");
     let last = segs.last().expect("extract is called with at least one segment");
-    let mut node_ix: Vec<usize> = segs.iter().flat_map(|s| s.nodes.iter().copied()).collect();
-    node_ix.sort_unstable();
-    let mut init_ix: Vec<usize> = segs.iter().flat_map(|s| s.initializers.iter().copied()).collect();
-    init_ix.sort_unstable();
-    init_ix.dedup();
+    let mut outputs: Vec<&str> = match logits {
+        Logits::Every => segs.iter().map(|s| s.logits.as_str()).collect(),
+        Logits::Last => vec![last.logits.as_str()],
+    };
+    outputs.extend(last.cut.as_deref());
 
+    // Keep the segments' nodes that the outputs depend on (all of them for `Every`).
+    let in_segs: HashSet<usize> = segs.iter().flat_map(|s| s.nodes.iter().copied()).collect();
+    let producer: HashMap<&str, usize> = in_segs
+        .iter()
+        .flat_map(|&i| g.node[i].output.iter().map(move |o| (o.as_str(), i)))
+        .collect();
+    let mut keep: HashSet<usize> = HashSet::new();
+    let mut stack: Vec<&str> = outputs.clone();
+    while let Some(t) = stack.pop() {
+        if let Some(&n) = producer.get(t) {
+            if keep.insert(n) {
+                stack.extend(node_inputs(&g.node[n]));
+            }
+        }
+    }
+    let mut node_ix: Vec<usize> = keep.into_iter().collect();
+    node_ix.sort_unstable();
     let nodes: Vec<onnx::NodeProto> = node_ix.iter().map(|&i| g.node[i].clone()).collect();
     let mut used: HashSet<&str> = HashSet::new();
     for n in &nodes {
         used.extend(n.output.iter().map(String::as_str));
         used.extend(node_inputs(n));
     }
-    let mut outputs: Vec<&str> = segs.iter().map(|s| s.logits.as_str()).collect();
-    outputs.extend(last.cut.as_deref());
+    let mut init_ix: Vec<usize> = segs
+        .iter()
+        .flat_map(|s| s.initializers.iter().copied())
+        .filter(|&i| used.contains(g.initializer[i].name()))
+        .collect();
+    init_ix.sort_unstable();
+    init_ix.dedup();
 
     let declared = |name: &str| -> onnx::ValueInfoProto {
         g.input

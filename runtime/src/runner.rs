@@ -3,6 +3,8 @@
 //! segment. Samples that pass every segment it holds are handed back with their cut tensor,
 //! ready to be forwarded (an edge head) — for a full model the last exit answers everything.
 
+use std::ops::Range;
+
 use crate::backend::{Backend, Tensor};
 use crate::error::{Error, Result};
 use crate::exit::{Answer, ExitRule, Outcome, Policy};
@@ -39,6 +41,11 @@ pub struct SegmentedRunner<B> {
     /// Index of the first exit held (0 for a model or a head).
     first_exit: usize,
     rules: Vec<ExitRule>,
+    /// Consecutive segments run as one unit: each group ends at an exit that can answer, or at
+    /// the last segment held.
+    groups: Vec<Range<usize>>,
+    /// Run disabled exits' segments together (the default); off keeps one unit per segment.
+    merge: bool,
     policy_version: u64,
     /// Expected shape of one input sample, when known (checked before anything runs).
     sample_shape: Option<Vec<usize>>,
@@ -48,9 +55,27 @@ impl<B: Backend> SegmentedRunner<B> {
     /// `first_exit` is the model exit index of the backend's segment 0; `policy` covers every
     /// exit of the model.
     pub fn new(backend: B, first_exit: usize, policy: &Policy, sample_shape: Option<Vec<usize>>) -> Result<Self> {
-        let mut r = SegmentedRunner { backend, first_exit, rules: Vec::new(), policy_version: 0, sample_shape };
+        Self::with_merging(backend, first_exit, policy, sample_shape, true)
+    }
+
+    /// Like [`SegmentedRunner::new`]; `merge = false` keeps a boundary at every exit even when it
+    /// is disabled (to measure what the boundaries cost).
+    pub fn with_merging(
+        backend: B,
+        first_exit: usize,
+        policy: &Policy,
+        sample_shape: Option<Vec<usize>>,
+        merge: bool,
+    ) -> Result<Self> {
+        let mut r =
+            SegmentedRunner { backend, first_exit, rules: Vec::new(), groups: Vec::new(), merge, policy_version: 0, sample_shape };
         r.set_policy(policy)?;
         Ok(r)
+    }
+
+    /// The groups of segments run as one unit under the current policy.
+    pub fn groups(&self) -> &[Range<usize>] {
+        &self.groups
     }
 
     /// Swaps the exit rules; the next batch uses them.
@@ -64,7 +89,19 @@ impl<B: Backend> SegmentedRunner<B> {
                 self.first_exit + n
             ))
         })?;
+        let mut groups = Vec::new();
+        let mut start = 0;
+        for (i, rule) in rules.iter().enumerate() {
+            if !self.merge || rule.can_exit() || i + 1 == n {
+                groups.push(start..i + 1);
+                start = i + 1;
+            }
+        }
+        // Prepare first: if the backend cannot build what the new policy needs, the old policy
+        // stays in force.
+        self.backend.prepare(&groups)?;
         self.rules = rules.to_vec();
+        self.groups = groups;
         self.policy_version = policy.version;
         Ok(())
     }
@@ -90,8 +127,9 @@ impl<B: Backend> SegmentedRunner<B> {
         // Positions in the original batch of the rows of `current`.
         let mut alive: Vec<usize> = (0..n).collect();
         let mut current = input;
-        for (seg, rule) in self.rules.iter().enumerate() {
-            let out = self.backend.run_segment(seg, &current)?;
+        for group in &self.groups {
+            let rule = &self.rules[group.end - 1];
+            let out = self.backend.run_group(group.clone(), &current)?;
             if out.logits.shape != [alive.len(), rule.width()] {
                 return Err(Error::Backend(format!(
                     "exit {} returned logits of shape {:?}, expected [{}, {}]",
@@ -144,8 +182,21 @@ pub(crate) mod tests {
         fn num_segments(&self) -> usize {
             self.segments
         }
-        fn run_segment(&mut self, segment: usize, input: &Tensor) -> Result<SegmentOutput> {
-            self.calls.push((segment, input.batch()));
+        fn prepare(&mut self, _groups: &[Range<usize>]) -> Result<()> {
+            Ok(())
+        }
+        fn run_group(&mut self, group: Range<usize>, input: &Tensor) -> Result<SegmentOutput> {
+            self.calls.push((group.start, input.batch()));
+            let mut out = None;
+            for s in group {
+                out = Some(self.run_one(s, input)?);
+            }
+            Ok(out.expect("groups are not empty"))
+        }
+    }
+
+    impl Fake {
+        fn run_one(&mut self, segment: usize, input: &Tensor) -> Result<SegmentOutput> {
             let w = self.widths[segment];
             let mut logits = vec![0f32; input.batch() * w];
             for (i, &x) in input.data.iter().enumerate() {
@@ -241,6 +292,13 @@ pub(crate) mod tests {
         let out = r.run(batch(&[1.0, 2.0])).unwrap();
         assert_eq!(r.policy_version(), 7);
         assert!(exits_of(&out).iter().all(|e| e.unwrap().1 == 2));
+        assert_eq!(r.groups(), &[0..3], "nothing can leave at E1 or E2: one unit");
+        assert_eq!(r.backend.calls, vec![(0, 2)]);
+
+        // Without merging every exit keeps its boundary, with the same answers.
+        let fake = Fake { segments: 3, widths: vec![4, 4, 4], calls: vec![] };
+        let mut r = SegmentedRunner::with_merging(fake, 0, &policy, None, false).unwrap();
+        assert_eq!(exits_of(&r.run(batch(&[1.0, 2.0])).unwrap()), exits_of(&out));
         assert_eq!(r.backend.calls, vec![(0, 2), (1, 2), (2, 2)]);
     }
 

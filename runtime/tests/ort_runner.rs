@@ -76,6 +76,18 @@ fn segmented_answers_equal_algorithm_1_on_the_full_model() {
     let out = runner.run(x.clone()).unwrap();
     assert_eq!(answers(&out.results), want);
     assert_eq!(runner.policy_version(), 3);
+    assert_eq!(runner.groups(), &[0..1, 1..2, 2..3]);
+
+    // A live policy change that disables E2: E2 and E3 now run as one session, and the answers
+    // are still Algorithm 1's.
+    let file = PolicyFile::from_json(r#"{"version": 4, "exits": [{"name": "E1", "threshold": 0.6}, {"name": "E2", "disabled": true}]}"#)
+        .unwrap();
+    let policy = Policy::resolve(&model.meta, &file).unwrap();
+    runner.set_policy(&policy).unwrap();
+    assert_eq!(runner.groups(), &[0..1, 1..3]);
+    let out = runner.run(x.clone()).unwrap();
+    assert_eq!(answers(&out.results), reference(&model, &policy, &x));
+    assert!(answers(&out.results).iter().all(|a| a.1 != 1), "nothing leaves at the disabled E2");
 }
 
 #[test]
