@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Builds the ONNX models the runtime's tests, quick start and benchmark use.
 
-    .venv/bin/python scripts/make-models.py fixtures   # runtime/tests/data/*.onnx (committed)
+    .venv/bin/python scripts/make-models.py fixtures   # runtime/tests/data/* (committed), or into DIR
     .venv/bin/python scripts/make-models.py demo       # models/demo/fmnist-demo-3exit.onnx (committed)
     .venv/bin/python scripts/make-models.py bench OUT  # ResNet-110-sized 7-exit model, random weights
 
@@ -98,7 +98,7 @@ def tensor(name: str, shape: list) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
 
 
-def fixtures() -> None:
+def fixtures(out_dir: Path) -> None:
     """tiny3: input [N,1,4,4], 4 classes, exits E1 (bag, S1={2}), E2 (plain), E3 (plain, last).
 
     Hand count of parameters (weights only, every initializer is float32):
@@ -135,7 +135,6 @@ def fixtures() -> None:
         "fixture_note": "unknown keys like this one are kept by readers",
     }
     ins = [tensor("input", ["N", 1, 4, 4])]
-    out_dir = ROOT / "runtime" / "tests" / "data"
     out_dir.mkdir(parents=True, exist_ok=True)
     outs = [tensor("exit1", ["N", 2]), tensor("exit2", ["N", 4]), tensor("exit3", ["N", 4])]
     onnx.save(build(2).model(ins, outs, meta), out_dir / "tiny3.onnx")
@@ -153,9 +152,10 @@ def write_small_datasets(out_dir: Path) -> None:
     imgs = rng.integers(0, 256, (5, 4, 4), dtype=np.uint8)
     labels = np.array([0, 1, 2, 3, 2], dtype=np.uint8)
     # IDX, gzip-compressed, as the Fashion-MNIST package ships them.
-    with gzip.open(out_dir / "tiny-images-idx3-ubyte.gz", "wb") as f:
+    # mtime=0 keeps the gzip header, and so the committed bytes, the same on every run.
+    with gzip.GzipFile(out_dir / "tiny-images-idx3-ubyte.gz", "wb", mtime=0) as f:
         f.write(bytes([0, 0, 8, 3]) + np.array([5, 4, 4], ">u4").tobytes() + imgs.tobytes())
-    with gzip.open(out_dir / "tiny-labels-idx1-ubyte.gz", "wb") as f:
+    with gzip.GzipFile(out_dir / "tiny-labels-idx1-ubyte.gz", "wb", mtime=0) as f:
         f.write(bytes([0, 0, 8, 1]) + np.array([5], ">u4").tobytes() + labels.tobytes())
     # CIFAR-10 binary batch: per record one label byte then 3x32x32 pixels, channel-major.
     recs = []
@@ -301,11 +301,11 @@ def bench(out: Path) -> None:
 
 if __name__ == "__main__":
     verb = sys.argv[1] if len(sys.argv) > 1 else ""
-    if verb == "fixtures":
-        fixtures()
+    if verb == "fixtures" and len(sys.argv) <= 3:
+        fixtures(Path(sys.argv[2]) if len(sys.argv) == 3 else ROOT / "runtime" / "tests" / "data")
     elif verb == "demo":
         demo()
     elif verb == "bench" and len(sys.argv) == 3:
         bench(Path(sys.argv[2]))
     else:
-        sys.exit("usage: make-models.py fixtures | demo | bench OUT.onnx")
+        sys.exit("usage: make-models.py fixtures [DIR] | demo | bench OUT.onnx")

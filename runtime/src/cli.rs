@@ -2,6 +2,7 @@
 //! ClassyNet (or plain early-exit) ONNX model on one machine.
 
 use std::collections::VecDeque;
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -23,7 +24,7 @@ use crate::worker::{Pending, Worker};
 
 /// Split-inference tools for class-aware early-exit networks (ClassyNet).
 #[derive(Debug, Parser)]
-#[command(name = "classynet", version, about, long_about = None)]
+#[command(name = "classynet", version)]
 pub struct Cli {
     /// Path of libonnxruntime.so. Without it: ORT_DYLIB_PATH, then the project's .venv (made by
     /// scripts/setup), then the system library path.
@@ -478,8 +479,9 @@ fn run_cmd(a: &RunArgs, opts: SessionOptions) -> Result<()> {
         }
         Ok(())
     };
-    let mut done = 0;
-    let show_progress = !a.model.json && n > 2000;
+    // Progress on a terminal only: scripts read stdout, and logs should not fill with it.
+    let show_progress = std::io::stderr().is_terminal() && n > 2000;
+    let mut last_progress = Instant::now();
     for first in (0..n).step_by(a.data.batch) {
         let batch = make_batch(&ds, &m, first..(first + a.data.batch).min(n));
         pending.push_back((first, worker.submit(batch)?));
@@ -487,9 +489,9 @@ fn run_cmd(a: &RunArgs, opts: SessionOptions) -> Result<()> {
         if pending.len() > 2 {
             let (f, p) = pending.pop_front().expect("non-empty");
             absorb(&mut t, f, p)?;
-            done = f + a.data.batch;
-            if show_progress && (f / a.data.batch) % 100 == 0 {
-                eprint!("\r{done}/{n} samples");
+            if show_progress && last_progress.elapsed().as_millis() > 250 {
+                last_progress = Instant::now();
+                eprint!("\r{}/{n} samples", f + a.data.batch);
             }
         }
     }
@@ -499,7 +501,6 @@ fn run_cmd(a: &RunArgs, opts: SessionOptions) -> Result<()> {
     if show_progress {
         eprint!("\r{:width$}\r", "", width = 30);
     }
-    let _ = done;
     let secs = start.elapsed().as_secs_f64();
     let correct: u64 = t.correct.iter().sum();
     let accuracy = correct as f64 / n as f64;
