@@ -1,0 +1,41 @@
+"""Backbones with early exits. Each entry builds an ``EarlyExitNet`` for an exit configuration;
+the training and export code use nothing else, so AlexNet or InceptionV3 are added here alone."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from .base import EarlyExitNet, ExitHead
+from .resnet import EXIT_LAYERS, resnet
+from .tiny import TINY_EXITS, tiny
+
+
+@dataclass(frozen=True)
+class Backbone:
+    exits: dict[str, list[int]]
+    make: Callable[[str, int, list[int]], EarlyExitNet]
+
+    def exit_layers(self, config: str) -> list[int]:
+        if config not in self.exits:
+            from ..classes import ConfigError
+
+            raise ConfigError(f"unknown exit configuration {config!r} (known: {', '.join(self.exits)})")
+        return self.exits[config]
+
+    def build(self, config: str, in_channels: int, widths: list[int]) -> EarlyExitNet:
+        self.exit_layers(config)
+        return self.make(config, in_channels, widths)
+
+
+BACKBONES: dict[str, Backbone] = {
+    "resnet110": Backbone(EXIT_LAYERS, lambda c, i, w: resnet(110, c, i, w)),
+    "resnet20": Backbone(EXIT_LAYERS, lambda c, i, w: resnet(20, c, i, w)),
+    "tiny": Backbone(TINY_EXITS, tiny),
+}
+
+
+def build(name: str, config: str, in_channels: int, widths: list[int]) -> EarlyExitNet:
+    return BACKBONES[name].build(config, in_channels, widths)
+
+
+__all__ = ["BACKBONES", "Backbone", "EarlyExitNet", "ExitHead", "build"]

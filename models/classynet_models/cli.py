@@ -1,0 +1,120 @@
+"""Command line: ``classynet-train train | export | evaluate``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .classes import ConfigError, parse_assignment
+from .losses import MODES
+
+
+def floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def config_from(args: argparse.Namespace):
+    from .train import DEFAULTS, TrainConfig
+
+    exits = "base" if args.mode == "base" else args.exits
+    d = DEFAULTS.get(exits, DEFAULTS["7exit"])
+    return TrainConfig(
+        mode=args.mode, backbone=args.backbone, exits=args.exits, scheme=args.scheme,
+        assignment=parse_assignment(args.assign) if args.assign is not None else d["assignment"],
+        weights=args.weights if args.weights is not None else d["weights"],
+        thresholds=args.thresholds if args.thresholds is not None else d["thresholds"],
+        costs=args.costs, masking=args.masking, dataset=args.dataset, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, schedule=args.schedule, augment=args.augment,
+        seed=args.seed, precision=args.precision,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="classynet-train", description=__doc__)
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    t = sub.add_parser("train", help="train (or resume) a model; checkpoints go to --out")
+    t.add_argument("--mode", choices=MODES, default="cn", help="base, bn (BranchyNet), cn (bags), cn+c (bags + costs), cs (costs)")
+    t.add_argument("--backbone", default="resnet110", help="resnet110, resnet20 or tiny")
+    t.add_argument("--exits", default="7exit", help="exit configuration: 7exit or 3exit (base ignores it)")
+    t.add_argument("--scheme", choices=["ic", "mc"], default="ic", help="incremental or mutually exclusive class sets")
+    t.add_argument("--assign", help="classes per early exit, e.g. '9;8;6;1;7;0' (default: the paper's)")
+    t.add_argument("--weights", type=floats, help="exit-weight vector, one per exit (default: the paper's)")
+    t.add_argument("--thresholds", type=floats, help="entropy thresholds (nats), one per early exit")
+    t.add_argument("--costs", type=floats, default=[0.5, 1.0, 1.5, 2.0], help="c1,c2,c3,c4 of the cost matrix")
+    t.add_argument("--masking", action="store_true", help="instance-level masking of samples that already exit")
+    t.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist, cifar10, svhn or npz:PATH")
+    t.add_argument("--data-dir", type=Path, help="dataset folder (default for Fashion-MNIST: the Debian package's)")
+    t.add_argument("--epochs", type=int, default=6)
+    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (paper: 0.001)")
+    t.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
+    t.add_argument("--augment", action="store_true", help="random crops (and flips where label-preserving)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="auto: bfloat16 autocast where the CPU supports it (weights stay fp32)")
+    t.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    t.add_argument("--max-minutes", type=float, help="checkpoint and stop after this long; rerun to resume")
+    t.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, log, config)")
+    t.add_argument("--no-progress", action="store_true")
+
+    e = sub.add_parser("export", help="export a trained run to ONNX (verified against PyTorch)")
+    e.add_argument("--run", type=Path, required=True, help="run folder written by train")
+    e.add_argument("--out", type=Path, required=True, help="ONNX file to write")
+    e.add_argument("--name", help="model name in the metadata (default: the file name)")
+    e.add_argument("--data-dir", type=Path)
+
+    v = sub.add_parser("evaluate", help="test-set metrics of a run or an exported ONNX model")
+    v.add_argument("--run", type=Path, help="run folder written by train")
+    v.add_argument("--model", type=Path, help="exported ONNX model (evaluated with ONNX Runtime)")
+    v.add_argument("--thresholds", type=floats, help="override the thresholds")
+    v.add_argument("--data-dir", type=Path)
+    v.add_argument("--json", action="store_true")
+
+    args = p.parse_args(argv)
+    try:
+        if args.verb == "train":
+            from .train import train
+
+            if args.threads:
+                torch.set_num_threads(args.threads)
+            cfg = config_from(args)
+            from .data import FASHION_CLASSES
+
+            cfg.validate(len(FASHION_CLASSES) if cfg.dataset == "fashion-mnist" else 10**6)
+            summary = train(cfg, args.out, args.data_dir, progress=not args.no_progress, max_minutes=args.max_minutes)
+            if summary.get("finished"):
+                print(f"done: {args.out} ({summary['train_minutes']:.1f} min); export with "
+                      f"classynet-train export --run {args.out} --out MODEL.onnx")
+        elif args.verb == "export":
+            from .export import export_run
+
+            info = export_run(args.run, args.out, name=args.name, data_dir=args.data_dir)
+            print(f"wrote {args.out}: max |onnx - torch| = {info['max_abs_diff']:.2e} on {info['samples']} test samples")
+        else:
+            from .export import evaluate_cmd
+
+            result = evaluate_cmd(args.run, args.model, args.thresholds, args.data_dir)
+            print(json.dumps(result, indent=2) if args.json else _fmt(result))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _fmt(r: dict) -> str:
+    lines = [f"final exit accuracy {100 * r['final_exit_accuracy']:.2f}%",
+             f"accuracy with early exits {100 * r['early_exit_accuracy']:.2f}%",
+             "exit counts " + ", ".join(f"E{i + 1} {c}" for i, c in enumerate(r["exit_counts"]))]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

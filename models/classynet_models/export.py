@@ -1,0 +1,166 @@
+"""Export to the runtime's ONNX model format (docs/model-format.md), verified against PyTorch.
+
+The graph has input ``input`` [N, C, H, W], one logits output per exit (``exit1``..``exitM``)
+and named cut tensors ``cut1``..``cut{M-1}`` (exported as outputs so they keep their names, then
+removed from the output list). Metadata key ``classynet`` carries class names, normalisation,
+exits and the training record. The export runs ONNX Runtime on 256 test samples and fails,
+leaving no file behind, unless every output is within 1e-4 of PyTorch's.
+"""
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from .classes import ConfigError, ExitClasses
+from .data import normalise
+from .evaluate import exit_logits, summarise
+from .losses import uses_bags, uses_costs
+
+OPSET = 17
+IR_VERSION = 8
+PARITY_SAMPLES = 256
+PARITY_TOLERANCE = 1e-4
+
+
+class _WithCuts(torch.nn.Module):
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor):
+        logits, cuts = self.net(x, with_cuts=True)
+        return (*logits, *cuts)
+
+
+def metadata(name: str, cfg, classes: ExitClasses, class_names: list[str], in_shape: list[int],
+             mean: list[float], std: list[float], training_extra: dict | None = None) -> dict:
+    m = classes.num_exits
+    bags = uses_bags(cfg.mode)
+    exits = []
+    for i in range(m):
+        last = i == m - 1
+        if last or cfg.mode in ("bn", "base"):
+            cls = list(range(classes.num_classes))  # class-agnostic exits answer every class
+        else:
+            cls = list(classes.sets[i])  # bag exits: trained set; cs: the priority set
+        exits.append({"name": f"E{i + 1}", "logits": f"exit{i + 1}", "cut": None if last else f"cut{i + 1}",
+                      "classes": cls, "bag": bool(bags and not last),
+                      "threshold": None if last else float(cfg.thresholds[i])})
+    training = {"mode": cfg.mode, "scheme": cfg.scheme, "backbone": cfg.backbone, "exit_config": cfg.exit_config(),
+                "dataset": cfg.dataset, "class_sets": [list(s) for s in classes.sets],
+                "assignment": cfg.assignment, "exit_weights": cfg.weights,
+                "costs": cfg.costs if uses_costs(cfg.mode) else None, "masking": cfg.masking,
+                "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "schedule": cfg.schedule,
+                "augment": cfg.augment, "seed": cfg.seed, "precision": cfg.precision}
+    training.update(training_extra or {})
+    return {"format_version": 1, "name": name, "classes": class_names,
+            "input": {"shape": in_shape, "scale": 1.0 / 255.0, "mean": mean, "std": std},
+            "exits": exits, "training": training}
+
+
+def export_model(model: torch.nn.Module, meta: dict, x_u8: np.ndarray, out: Path) -> dict:
+    """Writes `out` and checks it with ONNX Runtime on `x_u8` (uint8 N x C x H x W samples)."""
+    import onnxruntime as ort
+
+    model = model.float().eval().to(memory_format=torch.contiguous_format)
+    m = len(meta["exits"])
+    names = [f"exit{i + 1}" for i in range(m)] + [f"cut{i + 1}" for i in range(m - 1)]
+    dummy = torch.zeros(2, *meta["input"]["shape"])
+    buf = io.BytesIO()
+    # The wrapper must be in eval mode too: the exporter restores the wrapper's mode onto every
+    # child afterwards, and a wrapper left in training mode would switch batch norm to batch
+    # statistics.
+    # The TorchScript exporter (dynamo=False) writes the fixed opset directly and keeps the
+    # output names; the newer exporter also works but needs onnxscript and renames tensors.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(_WithCuts(model).eval(), (dummy,), buf, input_names=["input"], output_names=names,
+                          dynamic_axes={n: {0: "N"} for n in ["input", *names]}, opset_version=OPSET,
+                          do_constant_folding=True, dynamo=False)
+    proto = onnx.load_from_string(buf.getvalue())
+    # Cuts stay named tensors inside the graph but are not outputs: the runtime cuts there.
+    keep = [o for o in proto.graph.output if not o.name.startswith("cut")]
+    del proto.graph.output[:]
+    proto.graph.output.extend(keep)
+    proto.ir_version = IR_VERSION
+    proto = onnx.shape_inference.infer_shapes(proto)
+    onnx.checker.check_model(proto)
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, {"classynet": json.dumps(meta)})
+    x = normalise(torch.from_numpy(x_u8[:PARITY_SAMPLES]), meta["input"]["mean"], meta["input"]["std"])
+    with torch.no_grad():
+        want = [t.numpy() for t in model.eval()(x)]
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run([f"exit{i + 1}" for i in range(m)], {"input": x.numpy()})
+    diff = max(float(np.abs(a - b).max()) for a, b in zip(got, want))
+    if not diff <= PARITY_TOLERANCE:
+        raise ConfigError(f"export check failed: ONNX Runtime and PyTorch differ by {diff:.2e} "
+                          f"(allowed {PARITY_TOLERANCE:.0e}) on {len(x)} samples; nothing written")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(proto, out)
+    return {"max_abs_diff": diff, "samples": int(len(x))}
+
+
+def export_run(run: Path, out: Path, name: str | None = None, data_dir: Path | None = None) -> dict:
+    from .train import _restore, TrainConfig
+
+    ck = torch.load(run / "checkpoint.pt", weights_only=False)
+    cfg = TrainConfig(**ck["config"])
+    if ck["epoch"] < cfg.epochs:
+        raise ConfigError(f"{run} has trained {ck['epoch']} of {cfg.epochs} epochs; finish it first "
+                          "(rerun the same train command to resume)")
+    model, classes, ds = _restore(cfg, ck, data_dir)
+    logits = exit_logits(model, ds.test.x, ds.mean, ds.std)
+    metrics = summarise(logits, ds.test.y, classes, uses_bags(cfg.mode), list(cfg.thresholds), ds.classes)
+    summary_path = run / "train-summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    extra = {"metrics": {k: metrics[k] for k in ("final_exit_accuracy", "per_exit_accuracy", "early_exit_accuracy",
+                                                  "exit_counts")},
+             "train_minutes": summary.get("train_minutes"), "hardware": summary.get("hardware")}
+    meta = metadata(name or out.stem, cfg, classes, ds.classes, list(ds.train.x.shape[1:]), ds.mean, ds.std, extra)
+    info = export_model(model, meta, ds.test.x, out)
+    info["metrics"] = metrics
+    info["config"] = asdict(cfg)
+    info["summary"] = summary
+    return info
+
+
+def evaluate_cmd(run: Path | None, model_path: Path | None, thresholds: list[float] | None,
+                 data_dir: Path | None) -> dict:
+    from . import data as datasets
+    from .classes import class_sets
+
+    if (run is None) == (model_path is None):
+        raise ConfigError("give exactly one of --run or --model")
+    if run is not None:
+        from .train import load_trained
+
+        cfg, model, classes, ds = load_trained(run)
+        logits = exit_logits(model, ds.test.x, ds.mean, ds.std, progress=True)
+        t = thresholds or list(cfg.thresholds)
+        return summarise(logits, ds.test.y, classes, uses_bags(cfg.mode), t, ds.classes)
+    import onnxruntime as ort
+
+    proto = onnx.load(str(model_path))
+    meta = json.loads({p.key: p.value for p in proto.metadata_props}["classynet"])
+    tr = meta.get("training", {})
+    ds = datasets.load(tr.get("dataset", "fashion-mnist"), data_dir)
+    sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    outs = [e["logits"] for e in meta["exits"]]
+    logits = [np.concatenate(z) for z in zip(*[
+        sess.run(outs, {"input": normalise(torch.from_numpy(ds.test.x[i:i + 500]), meta["input"]["mean"],
+                                           meta["input"]["std"]).numpy()})
+        for i in range(0, len(ds.test.y), 500)])]
+    bags = any(e["bag"] for e in meta["exits"])
+    sets = [tuple(e["classes"]) for e in meta["exits"]]
+    classes = ExitClasses(len(meta["classes"]), tuple(sets))
+    t = thresholds or [e["threshold"] for e in meta["exits"][:-1]]
+    del class_sets
+    return summarise(logits, ds.test.y, classes, bags, t, meta["classes"])

@@ -1,0 +1,227 @@
+"""The training loop: seeded, resumable from checkpoints, with progress bars and a JSON log."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import data as datasets
+from .backbones import build
+from .classes import ConfigError, ExitClasses, class_sets
+from .evaluate import exit_logits, summarise
+from .losses import DEFAULT_COSTS, ExitLoss, LossConfig, check_costs, exit_widths, uses_bags
+
+PAPER_7EXIT = {"assignment": [[9], [8], [6], [1], [7], [0]], "weights": [0.2, 0.2, 0.2, 0.1, 0.1, 0.1, 0.1],
+               "thresholds": [0.3, 0.3, 0.3, 0.2, 0.2, 0.2]}
+DEFAULTS = {
+    "7exit": PAPER_7EXIT,
+    "3exit": {"assignment": [[9, 8, 6], [1, 7, 0]], "weights": [0.3, 0.3, 0.4], "thresholds": [0.3, 0.3]},
+    "base": {"assignment": [], "weights": [1.0], "thresholds": []},
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run; stored in every checkpoint and in the exported model."""
+
+    mode: str = "cn"
+    backbone: str = "resnet110"
+    exits: str = "7exit"
+    scheme: str = "ic"
+    assignment: list[list[int]] = field(default_factory=lambda: PAPER_7EXIT["assignment"])
+    weights: list[float] = field(default_factory=lambda: PAPER_7EXIT["weights"])
+    thresholds: list[float] = field(default_factory=lambda: PAPER_7EXIT["thresholds"])
+    costs: list[float] = field(default_factory=lambda: list(DEFAULT_COSTS))
+    masking: bool = False
+    dataset: str = "fashion-mnist"
+    epochs: int = 6
+    batch_size: int = 128
+    lr: float = 1e-3
+    schedule: str = "cosine"  # or "constant" (the paper's plain Adam)
+    augment: bool = False
+    seed: int = 0
+    precision: str = "auto"  # bf16 autocast where the CPU supports it, else fp32
+
+    def exit_config(self) -> str:
+        return "base" if self.mode == "base" else self.exits
+
+    def validate(self, num_classes: int) -> ExitClasses:
+        from .backbones import BACKBONES
+        from .losses import MODES
+
+        if self.mode not in MODES:
+            raise ConfigError(f"unknown mode {self.mode!r} (expected one of {', '.join(MODES)})")
+        if self.backbone not in BACKBONES:
+            raise ConfigError(f"unknown backbone {self.backbone!r} (expected one of {', '.join(BACKBONES)})")
+        n_exits = len(BACKBONES[self.backbone].exit_layers(self.exit_config()))
+        classes = class_sets(self.assignment if self.mode != "base" else [], n_exits, num_classes, self.scheme)
+        if len(self.weights) != n_exits:
+            raise ConfigError(f"the exit-weight vector has {len(self.weights)} values, but {self.exit_config()} "
+                              f"has {n_exits} exits")
+        if len(self.thresholds) != n_exits - 1:
+            raise ConfigError(f"{len(self.thresholds)} thresholds given, but {self.exit_config()} has "
+                              f"{n_exits - 1} early exits")
+        check_costs(tuple(self.costs))
+        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
+            raise ConfigError("epochs, batch size and learning rate must be positive")
+        if self.schedule not in ("cosine", "constant"):
+            raise ConfigError(f"unknown schedule {self.schedule!r} (cosine or constant)")
+        return classes
+
+
+def bf16_available() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:
+        return False
+
+
+def use_bf16(cfg: TrainConfig) -> bool:
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and bf16_available())
+
+
+def build_model(cfg: TrainConfig, classes: ExitClasses, in_channels: int) -> torch.nn.Module:
+    from .backbones import BACKBONES
+
+    widths = exit_widths(cfg.mode, classes)
+    return BACKBONES[cfg.backbone].build(cfg.exit_config(), in_channels, widths)
+
+
+def hardware() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def train(cfg: TrainConfig, out: Path, data_dir: Path | None = None, progress: bool = True,
+          max_minutes: float | None = None, max_steps: int | None = None) -> dict:
+    """Trains (or resumes) the run in `out`. Returns the final summary.
+
+    A checkpoint (`out/checkpoint.pt`) is written every few minutes and at every epoch end; a
+    run started on a folder with a checkpoint resumes from it, and must have the same config.
+    `max_minutes` (or `max_steps`, steps in this call) stops cleanly after a checkpoint so long
+    runs can be split across sessions.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    ds = datasets.load(cfg.dataset, data_dir)
+    classes = cfg.validate(len(ds.classes))
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    model = build_model(cfg, classes, ds.train.x.shape[1])
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    loss_fn = ExitLoss(LossConfig(cfg.mode, classes,
+                                  cfg.weights, tuple(cfg.costs), cfg.thresholds, cfg.masking))  # type: ignore[arg-type]
+    ckpt_path = out / "checkpoint.pt"
+    epoch, step_in_epoch, elapsed = 0, 0, 0.0
+    history: list[dict] = []
+    if ckpt_path.exists():
+        ck = torch.load(ckpt_path, weights_only=False)
+        if ck["config"] != asdict(cfg):
+            raise ConfigError(f"{ckpt_path} was written by a different configuration; use another --out or the "
+                              f"same settings (checkpoint: {json.dumps(ck['config'])})")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        epoch, step_in_epoch, elapsed, history = ck["epoch"], ck["step"], ck["elapsed"], ck["history"]
+        print(f"resuming {out} at epoch {epoch + 1}, step {step_in_epoch} ({elapsed / 60:.1f} min done)")
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    bf16 = use_bf16(cfg)
+    model = model.to(memory_format=torch.channels_last)
+    n = len(ds.train.y)
+    steps = math.ceil(n / cfg.batch_size)
+    total_steps = steps * cfg.epochs
+    xtr = torch.from_numpy(ds.train.x)
+    ytr = torch.from_numpy(ds.train.y)
+    last_ckpt = time.monotonic()
+    started = time.monotonic()
+    first_step = epoch * steps + step_in_epoch
+
+    def save() -> None:
+        tmp = ckpt_path.with_suffix(".tmp")
+        torch.save({"config": asdict(cfg), "model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "epoch": epoch, "step": step_in_epoch, "elapsed": elapsed + time.monotonic() - started,
+                    "history": history}, tmp)
+        tmp.replace(ckpt_path)  # atomic: a crash never leaves a half-written checkpoint
+
+    while epoch < cfg.epochs:
+        model.train()
+        # The order of an epoch depends only on (seed, epoch), so a resumed run sees the same
+        # batches as an uninterrupted one.
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+        bar = tqdm(range(step_in_epoch, steps), desc=f"{cfg.mode} epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not progress, unit="step", initial=step_in_epoch, total=steps)
+        for s in bar:
+            idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+            xb = xtr[idx]
+            if cfg.augment:
+                xb = datasets.augment(xb, torch.Generator().manual_seed(cfg.seed * 10**7 + epoch * 10**4 + s), ds.flip)
+            xb = datasets.normalise(xb, ds.mean, ds.std).contiguous(memory_format=torch.channels_last)
+            g = epoch * steps + s
+            lr = cfg.lr if cfg.schedule == "constant" else cfg.lr * 0.5 * (1 + math.cos(math.pi * g / total_steps))
+            for group in opt.param_groups:
+                group["lr"] = lr
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                outputs = model(xb)
+            loss, parts = loss_fn(outputs, ytr[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step_in_epoch = s + 1
+            if s % 20 == 0:
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{lr:.2e}")
+            if time.monotonic() - last_ckpt > 300:
+                save()
+                last_ckpt = time.monotonic()
+            done_here = (max_steps is not None and (g + 1 - first_step) >= max_steps)
+            if done_here or (max_minutes is not None and (time.monotonic() - started) / 60 > max_minutes):
+                save()
+                print(f"stopping after {max_minutes} min as asked; run the same command to resume")
+                return {"finished": False}
+        bar.close()
+        logits = exit_logits(model, ds.test.x, ds.mean, ds.std, progress=progress)
+        metrics = summarise(logits, ds.test.y, classes, uses_bags(cfg.mode), list(cfg.thresholds), ds.classes)
+        epoch += 1
+        step_in_epoch = 0
+        history.append({"epoch": epoch, "final_exit_accuracy": metrics["final_exit_accuracy"],
+                        "early_exit_accuracy": metrics["early_exit_accuracy"],
+                        "exit_counts": metrics["exit_counts"], "minutes": (elapsed + time.monotonic() - started) / 60})
+        print(f"{cfg.mode} epoch {epoch}: final exit {100 * metrics['final_exit_accuracy']:.2f}%, "
+              f"with early exits {100 * metrics['early_exit_accuracy']:.2f}%, exits {metrics['exit_counts']}")
+        with open(out / "log.jsonl", "a") as f:
+            f.write(json.dumps(history[-1]) + "\n")
+        save()
+        last_ckpt = time.monotonic()
+    ck = torch.load(ckpt_path, weights_only=False)
+    summary = {"finished": True, "epochs": cfg.epochs, "train_minutes": ck["elapsed"] / 60,
+               "hardware": hardware(), "precision": "bf16 autocast" if bf16 else "fp32", "history": ck["history"]}
+    (out / "train-summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def load_trained(out: Path) -> tuple[TrainConfig, torch.nn.Module, ExitClasses, datasets.Dataset]:
+    """The model of a finished (or checkpointed) run, in fp32 eval mode, with its data."""
+    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    cfg = TrainConfig(**ck["config"])
+    return cfg, *_restore(cfg, ck)
+
+
+def _restore(cfg: TrainConfig, ck: dict, data_dir: Path | None = None):
+    ds = datasets.load(cfg.dataset, data_dir)
+    classes = cfg.validate(len(ds.classes))
+    model = build_model(cfg, classes, ds.train.x.shape[1])
+    model.load_state_dict(ck["model"])
+    model.eval()
+    return model, classes, ds

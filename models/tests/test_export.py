@@ -1,0 +1,107 @@
+"""Training resumes exactly, and the export round-trips its metadata and matches ONNX Runtime."""
+import json
+from dataclasses import replace
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from classynet_models.backbones import BACKBONES
+from classynet_models.backbones.resnet import layer_to_unit, resnet
+from classynet_models.classes import ConfigError
+from classynet_models.export import export_run
+from classynet_models.train import TrainConfig, train
+
+
+@pytest.fixture
+def npz_data(tmp_path):
+    """200 28x28 images in 3 classes with class-dependent brightness (learnable in a few steps)."""
+    rng = np.random.default_rng(1)
+    y = np.arange(200) % 3
+    x = np.clip(rng.normal(60 + 70 * y[:, None, None], 25, (200, 28, 28)), 0, 255).astype(np.uint8)
+    path = tmp_path / "toy.npz"
+    np.savez(path, x=x, y=y)
+    return path
+
+
+def tiny_cfg(path, **kw):
+    base = dict(mode="cn+c", backbone="tiny", exits="3exit", scheme="ic", assignment=[[2], [0]],
+                weights=[0.3, 0.3, 0.4], thresholds=[0.4, 0.4], dataset=f"npz:{path}", epochs=2,
+                batch_size=32, seed=3, precision="fp32")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_resume_gives_the_same_weights_as_one_run(tmp_path, npz_data):
+    cfg = tiny_cfg(npz_data)
+    train(cfg, tmp_path / "a", progress=False)
+    first = train(cfg, tmp_path / "b", progress=False, max_steps=7)  # stops mid-epoch 2
+    assert first == {"finished": False}
+    done = train(cfg, tmp_path / "b", progress=False)
+    assert done["finished"] and len(done["history"]) == 2
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ConfigError, match="different configuration"):
+        train(replace(cfg, lr=0.5), tmp_path / "b", progress=False)
+
+
+def test_export_writes_the_format_and_matches_onnx_runtime(tmp_path, npz_data):
+    cfg = tiny_cfg(npz_data)
+    train(cfg, tmp_path / "run", progress=False)
+    out = tmp_path / "tiny.onnx"
+    info = export_run(tmp_path / "run", out)
+    assert info["max_abs_diff"] <= 1e-4 and out.stat().st_size < 200_000
+    proto = onnx.load(str(out))
+    meta = json.loads({p.key: p.value for p in proto.metadata_props}["classynet"])
+    assert meta["format_version"] == 1
+    assert [e["name"] for e in meta["exits"]] == ["E1", "E2", "E3"]
+    assert [e["bag"] for e in meta["exits"]] == [True, True, False]
+    assert [e["classes"] for e in meta["exits"]] == [[2], [2, 0], [0, 1, 2]]
+    assert [e["cut"] for e in meta["exits"]] == ["cut1", "cut2", None]
+    assert [e["threshold"] for e in meta["exits"]] == [0.4, 0.4, None]
+    t = meta["training"]
+    assert (t["mode"], t["scheme"], t["backbone"], t["costs"], t["epochs"], t["seed"]) == (
+        "cn+c", "ic", "tiny", [0.5, 1.0, 1.5, 2.0], 2, 3)
+    assert t["exit_weights"] == [0.3, 0.3, 0.4] and "final_exit_accuracy" in t["metrics"]
+    # Graph: input [N,1,28,28], logits outputs only; the cuts are named tensors inside.
+    assert [i.name for i in proto.graph.input] == ["input"]
+    assert [o.name for o in proto.graph.output] == ["exit1", "exit2", "exit3"]
+    assert {"cut1", "cut2"} <= {o for n in proto.graph.node for o in n.output}
+    widths = [o.type.tensor_type.shape.dim[1].dim_value for o in proto.graph.output]
+    assert widths == [2, 3, 3]
+    # Any batch size runs.
+    sess = ort.InferenceSession(str(out))
+    assert sess.run(["exit3"], {"input": np.zeros((5, 1, 28, 28), np.float32)})[0].shape == (5, 3)
+
+
+def test_export_refuses_an_unfinished_run(tmp_path, npz_data):
+    cfg = tiny_cfg(npz_data)
+    train(cfg, tmp_path / "run", progress=False, max_steps=2)
+    with pytest.raises(ConfigError, match="has trained 0 of 2 epochs"):
+        export_run(tmp_path / "run", tmp_path / "x.onnx")
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_resnet110_layers_map_to_units_and_exits():
+    assert [layer_to_unit(l, 54) for l in [4, 18, 36, 54, 72, 90, 110]] == [2, 9, 18, 27, 36, 45, 54]
+    with pytest.raises(ValueError):
+        layer_to_unit(1, 54)
+    net = resnet(110, "7exit", 1, [10] * 7)
+    convs = [m for m in net.segments.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+    assert len(convs) == 109  # stem + 54 units x 2: the paper's 110 layers with the classifier
+    logits, cuts = net(torch.zeros(2, 1, 28, 28), with_cuts=True)
+    assert [c.shape[1:] for c in cuts] == [(16, 28, 28), (16, 28, 28), (16, 28, 28), (32, 14, 14),
+                                          (32, 14, 14), (64, 7, 7)]
+    assert set(BACKBONES) >= {"resnet110", "tiny"}
+
+
+def test_train_rejects_bad_configs(npz_data, tmp_path):
+    with pytest.raises(ConfigError, match="exit-weight vector has 2 values"):
+        train(tiny_cfg(npz_data, weights=[0.5, 0.5]), tmp_path / "x", progress=False)
+    with pytest.raises(ConfigError, match="class 1 is assigned to both E1 and E2"):
+        train(tiny_cfg(npz_data, scheme="mc", assignment=[[1], [1]]), tmp_path / "x", progress=False)
+    with pytest.raises(ConfigError, match="class 7, but class ids run 0..2"):
+        train(tiny_cfg(npz_data, assignment=[[7], [1]]), tmp_path / "x", progress=False)
