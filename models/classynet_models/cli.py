@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--out", type=Path, required=True, help="ONNX file to write")
     e.add_argument("--name", help="model name in the metadata (default: the file name)")
     e.add_argument("--data-dir", type=Path)
+    e.add_argument("--card", action="store_true", help="also write MODEL.card.json and MODEL.card.md")
+    e.add_argument("--base-card", type=Path, help="the base model's card, for the accuracy target comparison")
 
     v = sub.add_parser("evaluate", help="test-set metrics of a run or an exported ONNX model")
     v.add_argument("--run", type=Path, help="run folder written by train")
@@ -98,6 +100,12 @@ def main(argv: list[str] | None = None) -> int:
 
             info = export_run(args.run, args.out, name=args.name, data_dir=args.data_dir)
             print(f"wrote {args.out}: max |onnx - torch| = {info['max_abs_diff']:.2e} on {info['samples']} test samples")
+            if args.card:
+                from .card import write_card
+
+                card = write_card(args.out, info, args.base_card)
+                print(f"wrote {args.out.with_suffix('.card.md')}: final exit {100 * card['final_exit_accuracy']:.2f}%, "
+                      f"with early exits {100 * card['early_exit_accuracy']:.2f}%")
         else:
             from .export import evaluate_cmd
 
