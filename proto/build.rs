@@ -2,14 +2,18 @@
 //! build needs no system `protoc`.
 
 fn main() {
-    let protos = ["onnx/onnx.proto"];
-    for p in &protos {
+    let onnx = ["onnx/onnx.proto"];
+    let services = ["inference/grpc_predict_v2.proto", "classynet/v1/control.proto"];
+    for p in onnx.iter().chain(&services) {
         println!("cargo:rerun-if-changed={p}");
     }
-    let fds = protox::compile(protos, ["."]).expect("the committed .proto files compile");
-    prost_build::Config::new()
-        // Tensor payloads can be large; `bytes::Bytes` would avoid one copy but ONNX models are
-        // decoded once at load time, so plain Vec<u8> keeps the API simple.
+    let fds = protox::compile(onnx, ["."]).expect("the committed ONNX schema compiles");
+    prost_build::Config::new().compile_fds(fds).expect("prost code generation succeeds for the ONNX schema");
+
+    let fds = protox::compile(services, ["."]).expect("the committed service schemas compile");
+    tonic_prost_build::configure()
+        // Tensor payloads go straight from the socket into `Bytes` without a copy.
+        .bytes(".")
         .compile_fds(fds)
-        .expect("prost code generation succeeds for the committed schemas");
+        .expect("tonic code generation succeeds for the service schemas");
 }

@@ -111,6 +111,8 @@ def export_model(model: torch.nn.Module, meta: dict, x_u8: np.ndarray, out: Path
 def export_run(run: Path, out: Path, name: str | None = None, data_dir: Path | None = None) -> dict:
     from .train import _restore, TrainConfig
 
+    if not (run / "checkpoint.pt").exists():
+        raise ConfigError(f"{run} holds no checkpoint.pt; train it first with classynet-train train --out {run}")
     ck = torch.load(run / "checkpoint.pt", weights_only=False)
     cfg = TrainConfig(**ck["config"])
     if ck["epoch"] < cfg.epochs:

@@ -213,6 +213,8 @@ def train(cfg: TrainConfig, out: Path, data_dir: Path | None = None, progress: b
 
 def load_trained(out: Path) -> tuple[TrainConfig, torch.nn.Module, ExitClasses, datasets.Dataset]:
     """The model of a finished (or checkpointed) run, in fp32 eval mode, with its data."""
+    if not (out / "checkpoint.pt").exists():
+        raise ConfigError(f"{out} holds no checkpoint.pt; train it first with classynet-train train --out {out}")
     ck = torch.load(out / "checkpoint.pt", weights_only=False)
     cfg = TrainConfig(**ck["config"])
     return cfg, *_restore(cfg, ck)

@@ -1,0 +1,506 @@
+//! The cloud side of the split: loads a ClassyNet model once, prepares the tail after every cut
+//! and serves
+//! * the Open Inference Protocol (`inference.GRPCInferenceService`): ModelInfer on image batches
+//!   (the whole model with its exits) or on forwarded cut tensors (`classynet_cut` = `E2`);
+//! * `classynet.v1.Control`: the exit policy stream and partition downloads for edges;
+//! * `grpc.health.v1`, SERVING once every tail is loaded and warmed up.
+//!
+//! Inference runs on one dedicated thread per cut, behind a dynamic batcher per cut.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use classynet_proto::control::control_server::{Control, ControlServer};
+use classynet_proto::control::{GetPartitionRequest, PartitionChunk, PolicyUpdate, WatchPolicyRequest};
+use classynet_proto::inference::grpc_inference_service_server::{GrpcInferenceService, GrpcInferenceServiceServer};
+use classynet_proto::inference::model_metadata_response::TensorMetadata;
+use classynet_proto::inference::*;
+use classynet_runtime::backend::Tensor;
+use classynet_runtime::exit::{Policy, PolicyFile};
+use classynet_runtime::format::PartitionRole;
+use classynet_runtime::model::{parse_partition, Dim, Model};
+use classynet_runtime::ort_backend::{init_ort, OrtBackend, SessionOptions};
+use classynet_runtime::partition::{extract_side, segments, Side};
+use classynet_runtime::runner::SegmentedRunner;
+use classynet_runtime::worker::Worker;
+use classynet_serving::batcher::{BatchConfig, Batcher};
+use classynet_serving::codec::{self, Payload, PARAM_CUT, PARAM_FINGERPRINT};
+use classynet_serving::{ServeError, ServeResult};
+use clap::Parser;
+use prost::Message;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+/// Cloud side of the ClassyNet split runtime.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "cloud-server", version)]
+pub struct Config {
+    /// ClassyNet ONNX model (the full model; tails for every cut are prepared from it).
+    #[arg(long, env = "CLOUD_SERVER_MODEL", value_name = "FILE")]
+    pub model: PathBuf,
+    /// Name clients use in ModelInfer; default: the file name without .onnx.
+    #[arg(long, env = "CLOUD_SERVER_MODEL_NAME")]
+    pub model_name: Option<String>,
+    /// Address to listen on (port 0 picks a free port, printed at start).
+    #[arg(long, env = "CLOUD_SERVER_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: String,
+    /// Exit policy file (TOML or JSON: per exit threshold or disabled, allowed classes). It is
+    /// re-read when it changes or on SIGHUP, validated, and pushed to every edge.
+    #[arg(long, env = "CLOUD_SERVER_POLICY", value_name = "FILE")]
+    pub policy: Option<PathBuf>,
+    /// Most samples run together per cut. Bigger batches raise throughput and the latency of the
+    /// first sample in them; requests larger than this are refused.
+    #[arg(long, env = "CLOUD_SERVER_MAX_BATCH", default_value_t = 64)]
+    pub max_batch: usize,
+    /// Longest a sample waits for others to fill its batch, in milliseconds.
+    #[arg(long, env = "CLOUD_SERVER_MAX_DELAY_MS", default_value_t = 2)]
+    pub max_delay_ms: u64,
+    /// Most samples admitted per cut and not yet answered; more are refused (RESOURCE_EXHAUSTED).
+    #[arg(long, env = "CLOUD_SERVER_MAX_QUEUE", default_value_t = 4096)]
+    pub max_queue: usize,
+    /// ONNX Runtime intra-op threads shared by all sessions (0: one per core).
+    #[arg(long, env = "CLOUD_SERVER_THREADS", default_value_t = 0)]
+    pub threads: usize,
+    /// Path of libonnxruntime.so (default: ORT_DYLIB_PATH, the project's .venv, the system).
+    #[arg(long, env = "CLOUD_SERVER_ORT_LIB")]
+    pub ort_lib: Option<PathBuf>,
+}
+
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// The loaded model and everything that serves it.
+pub struct Cloud {
+    model: Model,
+    name: String,
+    /// Index k: 0 runs the whole model; k ≥ 1 runs the tail after exit k.
+    batchers: Vec<Batcher>,
+    workers: Vec<Arc<Worker>>,
+    /// Per-sample shape of what index k takes (image or cut k), when the graph declares it.
+    inputs: Vec<Option<Vec<usize>>>,
+    policy: watch::Sender<(Policy, String)>,
+}
+
+impl Cloud {
+    /// Loads the model, opens one worker per cut and warms each up.
+    pub fn load(config: &Config) -> anyhow::Result<Arc<Cloud>> {
+        init_ort(config.ort_lib.as_deref(), config.threads)?;
+        let model = Model::load(&config.model)?;
+        anyhow::ensure!(
+            model.present == (0..model.num_exits()),
+            "{} is a partition file; cloud-server needs the full model",
+            config.model.display()
+        );
+        let name = config.model_name.clone().unwrap_or_else(|| {
+            config.model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
+        });
+        let (policy, policy_json) = match &config.policy {
+            Some(p) => {
+                let file = read_policy(p)?;
+                (Policy::resolve(&model.meta, &file)?, serde_json::to_string(&file)?)
+            }
+            None => (Policy::defaults(&model.meta), "{\"version\":0}".to_string()),
+        };
+        let segs = segments(&model)?;
+        let m = model.num_exits();
+        let opts = SessionOptions::default();
+        let batch = BatchConfig {
+            max_batch: config.max_batch.max(1),
+            max_delay: Duration::from_millis(config.max_delay_ms),
+            max_queue: config.max_queue.max(config.max_batch),
+        };
+        let mut workers = Vec::new();
+        let mut inputs = Vec::new();
+        for k in 0..m {
+            let part = if k == 0 {
+                model.clone()
+            } else {
+                let tail = extract_side(&model, &segs, &Side::parse(&format!("E{k}"), PartitionRole::Tail, m)?)?;
+                Model::from_bytes(&tail.encode_to_vec(), &format!("{name} tail E{k}"))?
+            };
+            let shape = if k == 0 {
+                Some(model.meta.input.shape.clone())
+            } else {
+                let cut = model.meta.exits[k - 1].cut.as_deref().expect("every exit but the last has a cut");
+                model.tensor_shape(cut).and_then(|d| {
+                    d.iter().skip(1).map(|x| if let Dim::Fixed(n) = x { Some(*n) } else { None }).collect()
+                })
+            };
+            let (p, s) = (policy.clone(), shape.clone());
+            let worker = Worker::spawn(&format!("cloud-E{k}"), 2, move || {
+                SegmentedRunner::new(OrtBackend::new(&part, opts)?, k, &p, s)
+            })?;
+            if let Some(s) = &shape {
+                // Warm-up: the first run allocates and picks kernels; do it before SERVING.
+                let n: usize = s.iter().product();
+                let mut dims = vec![1];
+                dims.extend(s);
+                worker.run_blocking(Tensor { shape: dims, data: vec![0.0; n] })?;
+            }
+            workers.push(Arc::new(worker));
+            inputs.push(shape);
+        }
+        let batchers = workers.iter().map(|w| Batcher::spawn(w.clone(), batch)).collect();
+        let (policy_tx, _) = watch::channel((policy, policy_json));
+        Ok(Arc::new(Cloud { model, name, batchers, workers, inputs, policy: policy_tx }))
+    }
+
+    /// Validates `file` against the model and puts it in force everywhere, or leaves the current
+    /// policy untouched and says why.
+    pub async fn apply_policy(&self, file: &PolicyFile) -> Result<(), String> {
+        let policy = Policy::resolve(&self.model.meta, file).map_err(|e| e.to_string())?;
+        for w in &self.workers {
+            w.set_policy(policy.clone()).await.map_err(|e| e.to_string())?;
+        }
+        let json = serde_json::to_string(file).expect("policy files serialise");
+        self.policy.send_replace((policy, json));
+        tracing::info!(version = file.version, "exit policy in force");
+        Ok(())
+    }
+
+    /// Version of the policy in force.
+    pub fn policy_version(&self) -> u64 {
+        self.policy.borrow().0.version
+    }
+
+    /// Largest request body the server accepts: `max_batch` samples of the biggest input, FP32.
+    fn max_message_bytes(&self) -> usize {
+        let per_sample = self.inputs.iter().flatten().map(|s| s.iter().product::<usize>()).max().unwrap_or(1 << 16);
+        self.batchers[0].max_batch() * per_sample * 4 + (64 << 10)
+    }
+
+    async fn infer(&self, req: ModelInferRequest) -> ServeResult<ModelInferResponse> {
+        if !req.model_name.is_empty() && req.model_name != self.name {
+            return Err(ServeError::NotFound(format!(
+                "model {:?} is not served here (this server serves {:?})",
+                req.model_name, self.name
+            )));
+        }
+        let m = self.model.num_exits();
+        let k = match codec::param_str(&req.parameters, PARAM_CUT) {
+            None => 0,
+            Some(cut) => {
+                let k = parse_partition(cut, m).map_err(|_| {
+                    ServeError::NotFound(format!("cut {cut:?} is not in model {} (cuts E1..E{})", self.name, m - 1))
+                })?;
+                if k == m {
+                    return Err(ServeError::InvalidArgument(format!(
+                        "cut E{m} puts every exit on the edge; nothing is left to run here"
+                    )));
+                }
+                k
+            }
+        };
+        if let Some(fp) = codec::param_str(&req.parameters, PARAM_FINGERPRINT) {
+            if fp != self.model.fingerprint {
+                return Err(ServeError::FailedPrecondition(format!(
+                    "the edge runs a model with fingerprint {fp}, this server runs {} ({}); deploy matching models",
+                    self.model.fingerprint, self.name
+                )));
+            }
+        }
+        let [input] = req.inputs.as_slice() else {
+            return Err(ServeError::InvalidArgument(format!("expected exactly one input tensor, found {}", req.inputs.len())));
+        };
+        let raw = match req.raw_input_contents.len() {
+            0 => None,
+            1 => req.raw_input_contents.first(),
+            n => return Err(ServeError::InvalidArgument(format!("expected one raw_input_contents entry, found {n}"))),
+        };
+        let (mut tensor, payload) = codec::decode_input(input, raw)?;
+        if let Some(want) = &self.inputs[k] {
+            if tensor.shape.len() != want.len() + 1 || tensor.shape[1..] != want[..] {
+                let what = if k == 0 { "an image batch".to_string() } else { format!("cut E{k}") };
+                return Err(ServeError::InvalidArgument(format!(
+                    "input `{}` has shape {:?}; {what} of model {} is [N, {}]",
+                    input.name,
+                    tensor.shape,
+                    self.name,
+                    want.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")
+                )));
+            }
+        }
+        if payload == Payload::Pixels {
+            if k != 0 {
+                return Err(ServeError::InvalidArgument("UINT8 pixels are only accepted for image batches".into()));
+            }
+            normalise(&mut tensor, &self.model);
+        }
+        let version = self.policy_version();
+        let outcome = self.batchers[k].infer(tensor).await?;
+        Ok(codec::answers_response(&self.name, &req.id, &outcome.results, version))
+    }
+}
+
+/// Applies the model's normalisation to raw 8-bit pixels, in place.
+pub fn normalise(t: &mut Tensor, model: &Model) {
+    let inp = &model.meta.input;
+    let c = inp.shape[0];
+    let plane = inp.shape[1] * inp.shape[2];
+    for (i, v) in t.data.iter_mut().enumerate() {
+        let ch = (i / plane) % c;
+        let mean = inp.mean.get(ch).or(inp.mean.first()).copied().unwrap_or(0.0);
+        let std = inp.std.get(ch).or(inp.std.first()).copied().unwrap_or(1.0);
+        *v = (*v * inp.scale - mean) / std;
+    }
+}
+
+/// Reads a policy file: TOML by default, JSON when the file name ends in .json.
+pub fn read_policy(path: &std::path::Path) -> anyhow::Result<PolicyFile> {
+    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    if path.extension().is_some_and(|e| e == "json") {
+        Ok(PolicyFile::from_json(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?)
+    } else {
+        let file: PolicyFile = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        Ok(file)
+    }
+}
+
+struct InferenceApi(Arc<Cloud>);
+
+#[tonic::async_trait]
+impl GrpcInferenceService for InferenceApi {
+    async fn server_live(&self, _: Request<ServerLiveRequest>) -> Result<Response<ServerLiveResponse>, Status> {
+        Ok(Response::new(ServerLiveResponse { live: true }))
+    }
+    async fn server_ready(&self, _: Request<ServerReadyRequest>) -> Result<Response<ServerReadyResponse>, Status> {
+        Ok(Response::new(ServerReadyResponse { ready: true }))
+    }
+    async fn model_ready(&self, r: Request<ModelReadyRequest>) -> Result<Response<ModelReadyResponse>, Status> {
+        Ok(Response::new(ModelReadyResponse { ready: r.get_ref().name == self.0.name }))
+    }
+    async fn server_metadata(
+        &self,
+        _: Request<ServerMetadataRequest>,
+    ) -> Result<Response<ServerMetadataResponse>, Status> {
+        Ok(Response::new(ServerMetadataResponse {
+            name: "classynet-cloud-server".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            extensions: vec!["classynet_split".into()],
+        }))
+    }
+    async fn model_metadata(
+        &self,
+        r: Request<ModelMetadataRequest>,
+    ) -> Result<Response<ModelMetadataResponse>, Status> {
+        let c = &self.0;
+        if r.get_ref().name != c.name {
+            return Err(ServeError::NotFound(format!(
+                "model {:?} is not served here (this server serves {:?})",
+                r.get_ref().name,
+                c.name
+            ))
+            .into());
+        }
+        let mut shape = vec![-1i64];
+        shape.extend(c.model.meta.input.shape.iter().map(|&d| d as i64));
+        let t = |name: &str, dt: &str, shape: Vec<i64>| TensorMetadata { name: name.into(), datatype: dt.into(), shape };
+        Ok(Response::new(ModelMetadataResponse {
+            name: c.name.clone(),
+            versions: vec![],
+            platform: "onnxruntime_onnx".into(),
+            inputs: vec![t("input", "FP32", shape)],
+            outputs: vec![
+                t("label", "INT64", vec![-1]),
+                t("exit", "INT32", vec![-1]),
+                t("entropy", "FP32", vec![-1]),
+                t("probability", "FP32", vec![-1]),
+            ],
+        }))
+    }
+    async fn model_infer(&self, r: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
+        self.0.infer(r.into_inner()).await.map(Response::new).map_err(Status::from)
+    }
+}
+
+struct ControlApi(Arc<Cloud>);
+
+type Streamed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Control for ControlApi {
+    type WatchPolicyStream = Streamed<PolicyUpdate>;
+    type GetPartitionStream = Streamed<PartitionChunk>;
+
+    async fn watch_policy(&self, r: Request<WatchPolicyRequest>) -> Result<Response<Self::WatchPolicyStream>, Status> {
+        let c = self.0.clone();
+        let fp = &r.get_ref().fingerprint;
+        if !fp.is_empty() && *fp != c.model.fingerprint {
+            return Err(ServeError::FailedPrecondition(format!(
+                "the edge runs a model with fingerprint {fp}, this server runs {}",
+                c.model.fingerprint
+            ))
+            .into());
+        }
+        let mut rx = c.policy.subscribe();
+        let fingerprint = c.model.fingerprint.clone();
+        let stream = async_stream(move |tx| async move {
+            loop {
+                let update = {
+                    let (p, json) = &*rx.borrow_and_update();
+                    PolicyUpdate { version: p.version, policy_json: json.clone(), fingerprint: fingerprint.clone() }
+                };
+                if tx.send(Ok(update)).await.is_err() || rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(stream))
+    }
+
+    async fn get_partition(
+        &self,
+        r: Request<GetPartitionRequest>,
+    ) -> Result<Response<Self::GetPartitionStream>, Status> {
+        let c = &self.0;
+        let m = c.model.num_exits();
+        let side = Side::parse(&r.get_ref().partition, PartitionRole::Head, m).map_err(|e| ServeError::NotFound(e.to_string()))?;
+        let segs = segments(&c.model).map_err(ServeError::from)?;
+        let bytes = bytes::Bytes::from(extract_side(&c.model, &segs, &side).map_err(ServeError::from)?.encode_to_vec());
+        let total = bytes.len() as u64;
+        let fingerprint = c.model.fingerprint.clone();
+        let chunks: Vec<Result<PartitionChunk, Status>> = bytes
+            .chunks(1 << 20)
+            .enumerate()
+            .map(|(i, _)| {
+                let start = i << 20;
+                let end = (start + (1 << 20)).min(bytes.len());
+                Ok(PartitionChunk {
+                    data: bytes.slice(start..end),
+                    total_bytes: if i == 0 { total } else { 0 },
+                    fingerprint: if i == 0 { fingerprint.clone() } else { String::new() },
+                })
+            })
+            .collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+    }
+}
+
+/// A stream fed by a task through a small channel.
+fn async_stream<T, F, Fut>(f: F) -> Streamed<T>
+where
+    T: Send + 'static,
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<T, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(f(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+/// A running server: its address and a way to stop it.
+pub struct Handle {
+    pub addr: SocketAddr,
+    pub cloud: Arc<Cloud>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl Handle {
+    /// Stops accepting, lets in-flight calls finish, and waits for the server to end.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let _ = self.task.await;
+    }
+}
+
+/// Loads the model and serves on `config.listen` until `stop` is called on the handle.
+pub async fn start(config: Config) -> anyhow::Result<Handle> {
+    let cfg = config.clone();
+    let cloud = tokio::task::spawn_blocking(move || Cloud::load(&cfg)).await??;
+    let listener = TcpListener::bind(&config.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<GrpcInferenceServiceServer<InferenceApi>>().await;
+    health.set_serving::<ControlServer<ControlApi>>().await;
+    let limit = cloud.max_message_bytes();
+    let inference = GrpcInferenceServiceServer::new(InferenceApi(cloud.clone()))
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(usize::MAX);
+    let control = ControlServer::new(ControlApi(cloud.clone()));
+    if let Some(path) = config.policy.clone() {
+        tokio::spawn(watch_policy_file(cloud.clone(), path));
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(inference)
+            .add_service(control)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                let _ = rx.await;
+            }),
+    );
+    tracing::info!(%addr, model = %cloud.name, exits = cloud.model.num_exits(), max_message_bytes = limit, "cloud-server ready");
+    Ok(Handle { addr, cloud, shutdown: Some(tx), task })
+}
+
+/// Re-reads the policy file when its modification time changes or on SIGHUP.
+async fn watch_policy_file(cloud: Arc<Cloud>, path: PathBuf) {
+    let mtime = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut last = mtime(&path);
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        let forced = {
+            #[cfg(unix)]
+            {
+                let sig = async {
+                    match hup.as_mut() {
+                        Some(h) => h.recv().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => false,
+                    _ = sig => true,
+                }
+            }
+            #[cfg(not(unix))]
+            {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                false
+            }
+        };
+        let now = mtime(&path);
+        if !forced && now == last {
+            continue;
+        }
+        last = now;
+        match read_policy(&path) {
+            Ok(file) => {
+                if let Err(e) = cloud.apply_policy(&file).await {
+                    tracing::error!(file = %path.display(), "policy refused, the previous one stays in force: {e}");
+                }
+            }
+            Err(e) => tracing::error!("policy refused, the previous one stays in force: {e}"),
+        }
+    }
+}
+
+/// Runs the server until SIGINT or SIGTERM.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let handle = start(config).await?;
+    println!("cloud-server listening on {}", handle.addr);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+    handle.stop().await;
+    Ok(())
+}

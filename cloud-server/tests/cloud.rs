@@ -1,0 +1,211 @@
+//! cloud-server over a real socket on 127.0.0.1:0, driven by a v2 gRPC client.
+
+use std::path::{Path, PathBuf};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use classynet_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use classynet_proto::inference::*;
+use classynet_runtime::backend::Tensor;
+use classynet_runtime::exit::Policy;
+use classynet_runtime::format::PartitionRole;
+use classynet_runtime::model::Model;
+use classynet_runtime::ort_backend::{OrtBackend, OrtGraph, SessionOptions};
+use classynet_runtime::partition::{extract_side, segments, Side};
+use classynet_runtime::runner::{SampleResult, SegmentedRunner};
+use classynet_serving::codec::{self, string_param, PARAM_CUT, PARAM_FINGERPRINT};
+use tonic::Code;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../runtime/tests/data").join(name)
+}
+
+fn config(model: PathBuf) -> cloud_server::Config {
+    cloud_server::Config {
+        model,
+        model_name: None,
+        listen: "127.0.0.1:0".into(),
+        policy: None,
+        max_batch: 32,
+        max_delay_ms: 1,
+        max_queue: 256,
+        threads: 1,
+        ort_lib: None,
+    }
+}
+
+fn inputs(n: usize, seed: u64) -> Tensor {
+    let mut s = seed;
+    let data = (0..n * 16)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 33) as f32 / (1u64 << 31) as f32 - 0.5) * 8.0
+        })
+        .collect();
+    Tensor::new(vec![n, 1, 4, 4], data).unwrap()
+}
+
+fn request(name: &str, t: &Tensor, params: &[(&str, &str)]) -> ModelInferRequest {
+    let (input, raw) = codec::encode_tensor("input", t, codec::WireDtype::Fp32);
+    ModelInferRequest {
+        model_name: name.into(),
+        id: "req-1".into(),
+        parameters: params.iter().map(|(k, v)| (k.to_string(), string_param(*v))).collect(),
+        inputs: vec![input],
+        raw_input_contents: vec![raw],
+        ..Default::default()
+    }
+}
+
+fn local_answers(model: &Model, x: &Tensor) -> Vec<(i64, i32)> {
+    let mut r = SegmentedRunner::new(
+        OrtBackend::new(model, SessionOptions::default()).unwrap(),
+        0,
+        &Policy::defaults(&model.meta),
+        None,
+    )
+    .unwrap();
+    r.run(x.clone())
+        .unwrap()
+        .results
+        .iter()
+        .map(|s| match s {
+            SampleResult::Answered(a) => (a.class as i64, a.exit as i32),
+            other => panic!("{other:?}"),
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v2_clients_get_the_same_answers_as_the_local_runner() {
+    let handle = cloud_server::start(config(fixture("tiny3.onnx"))).await.unwrap();
+    let mut client = GrpcInferenceServiceClient::connect(format!("http://{}", handle.addr)).await.unwrap();
+    assert!(client.server_ready(ServerReadyRequest {}).await.unwrap().into_inner().ready);
+    let meta = client.model_metadata(ModelMetadataRequest { name: "tiny3".into(), version: String::new() }).await.unwrap();
+    assert_eq!(meta.get_ref().inputs[0].shape, vec![-1, 1, 4, 4]);
+    assert_eq!(meta.get_ref().outputs.iter().map(|o| o.name.as_str()).collect::<Vec<_>>(), ["label", "exit", "entropy", "probability"]);
+
+    let model = Model::load(&fixture("tiny3.onnx")).unwrap();
+    let x = inputs(24, 9);
+    let want = local_answers(&model, &x);
+
+    // Whole model on an image batch.
+    let resp = client.model_infer(request("tiny3", &x, &[])).await.unwrap().into_inner();
+    assert_eq!(resp.id, "req-1");
+    let got: Vec<(i64, i32)> = codec::read_answers(&resp).unwrap().iter().map(|a| (a.0, a.1)).collect();
+    assert_eq!(got, want);
+
+    // Forwarded cut E1: the head's cut tensor for the same samples, run by the tail.
+    let segs = segments(&model).unwrap();
+    let head = extract_side(&model, &segs, &Side::parse("E1", PartitionRole::Head, 3).unwrap()).unwrap();
+    let cut = OrtGraph::new(&head, SessionOptions::default()).unwrap().run(&x).unwrap().pop().unwrap();
+    let resp = client
+        .model_infer(request("tiny3", &cut, &[(PARAM_CUT, "E1"), (PARAM_FINGERPRINT, &model.fingerprint)]))
+        .await
+        .unwrap()
+        .into_inner();
+    let tail: Vec<(i64, i32)> = codec::read_answers(&resp).unwrap().iter().map(|a| (a.0, a.1)).collect();
+    for (i, (w, g)) in want.iter().zip(&tail).enumerate() {
+        if w.1 >= 1 {
+            assert_eq!(w, g, "sample {i}: the tail answers what the whole model answers past E1");
+        } else {
+            assert!(g.1 >= 1, "the tail never answers at E1");
+        }
+    }
+    handle.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_a_clear_status_and_the_server_keeps_serving() {
+    let handle = cloud_server::start(config(fixture("tiny3.onnx"))).await.unwrap();
+    let mut client = GrpcInferenceServiceClient::connect(format!("http://{}", handle.addr)).await.unwrap();
+    let x = inputs(2, 1);
+    let status = |r: Result<tonic::Response<ModelInferResponse>, tonic::Status>| r.unwrap_err();
+
+    let s = status(client.model_infer(request("resnet", &x, &[])).await);
+    assert_eq!(s.code(), Code::NotFound);
+    assert!(s.message().contains("\"resnet\" is not served here"), "{}", s.message());
+
+    let s = status(client.model_infer(request("tiny3", &x, &[(PARAM_CUT, "E9")])).await);
+    assert_eq!(s.code(), Code::NotFound);
+    assert!(s.message().contains("cut \"E9\" is not in model tiny3 (cuts E1..E2)"), "{}", s.message());
+
+    let s = status(client.model_infer(request("tiny3", &x, &[(PARAM_FINGERPRINT, "0000")])).await);
+    assert_eq!(s.code(), Code::FailedPrecondition);
+
+    // Byte length that does not match the shape.
+    let mut r = request("tiny3", &x, &[]);
+    r.raw_input_contents[0] = r.raw_input_contents[0].slice(0..60);
+    let s = status(client.model_infer(r).await);
+    assert_eq!(s.code(), Code::InvalidArgument);
+    assert!(s.message().contains("needs 128 bytes, found 60"), "{}", s.message());
+
+    // A shape that is not the model's, and a cut tensor of the wrong shape.
+    let s = status(client.model_infer(request("tiny3", &Tensor::new(vec![2, 1, 2, 8], x.data.clone()).unwrap(), &[])).await);
+    assert_eq!(s.code(), Code::InvalidArgument);
+    assert!(s.message().contains("an image batch of model tiny3 is [N, 1, 4, 4]"), "{}", s.message());
+    let s = status(client.model_infer(request("tiny3", &x, &[(PARAM_CUT, "E1")])).await);
+    assert!(s.message().contains("cut E1 of model tiny3 is [N, 2, 4, 4]"), "{}", s.message());
+
+    // NaN values.
+    let mut bad = x.clone();
+    bad.data[3] = f32::NAN;
+    let s = status(client.model_infer(request("tiny3", &bad, &[])).await);
+    assert_eq!(s.code(), Code::InvalidArgument);
+    assert!(s.message().contains("element 3 is NaN"), "{}", s.message());
+
+    // Over the batch limit.
+    let s = status(client.model_infer(request("tiny3", &inputs(33, 2), &[])).await);
+    assert_eq!(s.code(), Code::ResourceExhausted);
+    assert!(s.message().contains("1 to 32 samples"), "{}", s.message());
+
+    // Garbage instead of a protobuf message, on the raw HTTP/2 channel.
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", handle.addr)).unwrap().connect().await.unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path = http::uri::PathAndQuery::from_static("/inference.GRPCInferenceService/ModelInfer");
+    let garbage = Bytes::from_static(&[0xff, 0xff, 0xff, 0xff, 0x0f, 0x01]);
+    let r: Result<tonic::Response<Bytes>, _> = grpc.unary(tonic::Request::new(garbage), path, RawCodec).await;
+    assert_eq!(r.unwrap_err().code(), Code::Internal, "a protobuf that does not decode is refused");
+
+    // Still serving.
+    let resp = client.model_infer(request("tiny3", &x, &[])).await.unwrap().into_inner();
+    assert_eq!(codec::read_answers(&resp).unwrap().len(), 2);
+    handle.stop().await;
+}
+
+/// Sends bytes as they are, to test what the server does with a message that is not protobuf.
+#[derive(Clone, Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Bytes;
+    type Decode = Bytes;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+    fn encoder(&mut self) -> Self::Encoder {
+        RawCodec
+    }
+    fn decoder(&mut self) -> Self::Decoder {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Bytes;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: Bytes, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Bytes;
+    type Error = tonic::Status;
+    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Bytes>, tonic::Status> {
+        use bytes::Buf;
+        let mut b = BytesMut::with_capacity(src.remaining());
+        b.put(src);
+        Ok(Some(b.freeze()))
+    }
+}

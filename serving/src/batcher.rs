@@ -1,0 +1,176 @@
+//! Dynamic batching in front of an inference [`Worker`].
+//!
+//! An actor task owns the queue: it takes the first waiting request, keeps adding requests
+//! until the batch holds `max_batch` samples or `max_delay` has passed since the first one,
+//! hands the concatenated batch to the worker thread and, without waiting for it, starts
+//! collecting the next batch (the worker's own bounded queue provides back-pressure). Each
+//! request gets exactly its rows of the outcome back on a oneshot. Admission is a semaphore
+//! counted in samples: when `max_queue` samples are waiting, new requests are refused with
+//! `ResourceExhausted` instead of queueing without bound.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use classynet_runtime::backend::Tensor;
+use classynet_runtime::runner::{BatchOutcome, Forward};
+use classynet_runtime::worker::Worker;
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+use crate::error::{ServeError, ServeResult};
+
+struct Item {
+    input: Tensor,
+    reply: oneshot::Sender<ServeResult<BatchOutcome>>,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Cheap-to-clone handle to a batching actor.
+#[derive(Clone)]
+pub struct Batcher {
+    tx: mpsc::Sender<Item>,
+    permits: Arc<Semaphore>,
+    max_batch: usize,
+    max_queue: usize,
+}
+
+/// Batching limits.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchConfig {
+    /// Most samples run together.
+    pub max_batch: usize,
+    /// Longest a sample waits for others to join its batch.
+    pub max_delay: Duration,
+    /// Most samples admitted and not yet answered.
+    pub max_queue: usize,
+}
+
+impl Batcher {
+    /// Starts the actor on the current tokio runtime.
+    pub fn spawn(worker: Arc<Worker>, cfg: BatchConfig) -> Batcher {
+        let (tx, rx) = mpsc::channel(1024);
+        tokio::spawn(run_actor(rx, worker, cfg));
+        Batcher {
+            tx,
+            permits: Arc::new(Semaphore::new(cfg.max_queue)),
+            max_batch: cfg.max_batch,
+            max_queue: cfg.max_queue,
+        }
+    }
+
+    /// Largest request (in samples) this batcher takes.
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+
+    /// Runs `input` (`[n, ...]`, 1 ≤ n ≤ max_batch) as part of a batch; the outcome covers
+    /// exactly its n samples, in order.
+    pub async fn infer(&self, input: Tensor) -> ServeResult<BatchOutcome> {
+        let n = input.batch();
+        if n == 0 || n > self.max_batch {
+            return Err(ServeError::ResourceExhausted(format!(
+                "a request may hold 1 to {} samples (--max-batch), found {n}",
+                self.max_batch
+            )));
+        }
+        let permit = self.permits.clone().try_acquire_many_owned(n as u32).map_err(|_| {
+            ServeError::ResourceExhausted(format!(
+                "server overloaded: {} samples already waiting (--max-queue {})",
+                self.max_queue - self.permits.available_permits(),
+                self.max_queue
+            ))
+        })?;
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Item { input, reply, _permit: permit })
+            .await
+            .map_err(|_| ServeError::Unavailable("the batcher has stopped".into()))?;
+        rx.await.map_err(|_| ServeError::Unavailable("the batch was dropped before it ran".into()))?
+    }
+}
+
+async fn run_actor(mut rx: mpsc::Receiver<Item>, worker: Arc<Worker>, cfg: BatchConfig) {
+    let mut carry: Option<Item> = None;
+    loop {
+        let first = match carry.take() {
+            Some(i) => i,
+            None => match rx.recv().await {
+                Some(i) => i,
+                None => return,
+            },
+        };
+        let deadline = Instant::now() + cfg.max_delay;
+        let mut rows = first.input.batch();
+        let mut items = vec![first];
+        while rows < cfg.max_batch {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(item)) => {
+                    if rows + item.input.batch() > cfg.max_batch {
+                        carry = Some(item); // starts the next batch
+                        break;
+                    }
+                    rows += item.input.batch();
+                    items.push(item);
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let batch = concat(items.iter().map(|i| &i.input));
+        let worker = worker.clone();
+        // The worker thread runs batches in order; awaiting here would stop collecting.
+        let pending = tokio::spawn(async move { worker.run(batch).await });
+        tokio::spawn(async move {
+            let outcome = match pending.await {
+                Ok(r) => r.map_err(ServeError::from),
+                Err(e) => Err(ServeError::Unavailable(format!("inference task failed: {e}"))),
+            };
+            split(outcome, items);
+        });
+    }
+}
+
+/// Concatenates `[n_i, ...]` tensors along the batch axis.
+fn concat<'a>(parts: impl Iterator<Item = &'a Tensor> + Clone) -> Tensor {
+    let first = parts.clone().next().expect("a batch has at least one request");
+    let n: usize = parts.clone().map(Tensor::batch).sum();
+    let mut data = Vec::with_capacity(n * first.row_len());
+    for p in parts {
+        data.extend_from_slice(&p.data);
+    }
+    let mut shape = first.shape.clone();
+    shape[0] = n;
+    Tensor { shape, data }
+}
+
+/// Gives every request its rows of the batch outcome.
+fn split(outcome: ServeResult<BatchOutcome>, items: Vec<Item>) {
+    let outcome = match outcome {
+        Ok(o) => o,
+        Err(e) => {
+            let msg = e.to_string();
+            let kind = e.error_type();
+            for item in items {
+                let err = match kind {
+                    "invalid_argument" | "input" | "policy" => ServeError::InvalidArgument(msg.clone()),
+                    _ => ServeError::Unavailable(msg.clone()),
+                };
+                let _ = item.reply.send(Err(err));
+            }
+            return;
+        }
+    };
+    let mut start = 0;
+    for item in items {
+        let n = item.input.batch();
+        let results = outcome.results[start..start + n].to_vec();
+        let forward = outcome.forward.as_ref().and_then(|f| {
+            let picks: Vec<usize> = (0..f.rows.len()).filter(|&i| (start..start + n).contains(&f.rows[i])).collect();
+            (!picks.is_empty()).then(|| Forward {
+                rows: picks.iter().map(|&i| f.rows[i] - start).collect(),
+                cut: f.cut.gather(&picks),
+            })
+        });
+        let _ = item.reply.send(Ok(BatchOutcome { results, forward }));
+        start += n;
+    }
+}

@@ -1,0 +1,326 @@
+//! Tensors on the Open Inference Protocol wire: decoding inputs (raw little-endian bytes or typed
+//! contents) with their checks, encoding cut tensors in the chosen wire type, and the answer
+//! outputs `label`, `exit`, `entropy`, `probability`.
+
+use std::collections::HashMap;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use classynet_proto::inference::{
+    infer_parameter::ParameterChoice, model_infer_request::InferInputTensor,
+    model_infer_response::InferOutputTensor, InferParameter, ModelInferResponse,
+};
+use classynet_runtime::backend::Tensor;
+use classynet_runtime::runner::SampleResult;
+
+use crate::error::{ServeError, ServeResult};
+
+/// Request parameter naming the cut a forwarded tensor comes from (`E2`).
+pub const PARAM_CUT: &str = "classynet_cut";
+/// Request/response parameter: the policy version the edge (or cloud) decided under.
+pub const PARAM_POLICY_VERSION: &str = "classynet_policy_version";
+/// Request parameter: fingerprint of the model the edge runs.
+pub const PARAM_FINGERPRINT: &str = "classynet_fingerprint";
+/// Input tensor parameters of an INT8 tensor: x = (q - zero_point) * scale.
+pub const PARAM_SCALE: &str = "classynet_scale";
+pub const PARAM_ZERO_POINT: &str = "classynet_zero_point";
+
+/// How intermediate tensors travel from edge to cloud.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WireDtype {
+    Fp32,
+    Fp16,
+    /// Per-tensor affine quantisation with a scale and a zero point.
+    Int8,
+}
+
+impl WireDtype {
+    /// The v2 datatype string.
+    pub fn v2_name(self) -> &'static str {
+        match self {
+            WireDtype::Fp32 => "FP32",
+            WireDtype::Fp16 => "FP16",
+            WireDtype::Int8 => "INT8",
+        }
+    }
+}
+
+/// Bytes per element of a v2 datatype this server reads.
+fn elem_size(datatype: &str) -> Option<usize> {
+    match datatype {
+        "FP32" | "INT32" => Some(4),
+        "FP16" => Some(2),
+        "INT8" | "UINT8" => Some(1),
+        "INT64" => Some(8),
+        _ => None,
+    }
+}
+
+/// Reads a float parameter (double, int64 or string choices are all accepted).
+pub fn param_f64(params: &HashMap<String, InferParameter>, key: &str) -> Option<f64> {
+    match params.get(key)?.parameter_choice.as_ref()? {
+        ParameterChoice::DoubleParam(v) => Some(*v),
+        ParameterChoice::Int64Param(v) => Some(*v as f64),
+        ParameterChoice::Uint64Param(v) => Some(*v as f64),
+        ParameterChoice::StringParam(s) => s.parse().ok(),
+        ParameterChoice::BoolParam(_) => None,
+    }
+}
+
+/// Reads a string parameter.
+pub fn param_str<'a>(params: &'a HashMap<String, InferParameter>, key: &str) -> Option<&'a str> {
+    match params.get(key)?.parameter_choice.as_ref()? {
+        ParameterChoice::StringParam(s) => Some(s),
+        _ => None,
+    }
+}
+
+pub fn string_param(v: impl Into<String>) -> InferParameter {
+    InferParameter { parameter_choice: Some(ParameterChoice::StringParam(v.into())) }
+}
+
+pub fn int_param(v: i64) -> InferParameter {
+    InferParameter { parameter_choice: Some(ParameterChoice::Int64Param(v)) }
+}
+
+pub fn double_param(v: f64) -> InferParameter {
+    InferParameter { parameter_choice: Some(ParameterChoice::DoubleParam(v)) }
+}
+
+/// What a decoded input carries besides the floats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Payload {
+    /// Floats as given (FP32/FP16/INT8): model input or cut values.
+    Values,
+    /// Raw 8-bit pixels (UINT8) that still need the model's normalisation.
+    Pixels,
+}
+
+/// Decodes one input tensor to float32, checking its byte length against shape × datatype.
+/// `raw` is its entry of `raw_input_contents`, if the request used raw contents.
+pub fn decode_input(input: &InferInputTensor, raw: Option<&Bytes>) -> ServeResult<(Tensor, Payload)> {
+    let bad = |m: String| ServeError::InvalidArgument(format!("input `{}`: {m}", input.name));
+    if input.shape.iter().any(|&d| d < 0) {
+        return Err(bad(format!("shape {:?} has a negative dimension", input.shape)));
+    }
+    let shape: Vec<usize> = input.shape.iter().map(|&d| d as usize).collect();
+    let n: usize = shape.iter().product();
+    let size = elem_size(&input.datatype).ok_or_else(|| {
+        bad(format!("datatype {:?} is not supported (expected FP32, FP16, INT8 or UINT8)", input.datatype))
+    })?;
+    let data: Vec<f32> = match raw {
+        Some(bytes) => {
+            if bytes.len() != n * size {
+                return Err(bad(format!(
+                    "shape {:?} of {} needs {} bytes, found {}",
+                    input.shape,
+                    input.datatype,
+                    n * size,
+                    bytes.len()
+                )));
+            }
+            match input.datatype.as_str() {
+                "FP32" => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+                "FP16" => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+                "UINT8" => bytes.iter().map(|&b| b as f32).collect(),
+                "INT8" => {
+                    let (scale, zp) = quant_params(input)?;
+                    bytes.iter().map(|&b| ((b as i8) as f32 - zp) * scale).collect()
+                }
+                other => return Err(bad(format!("datatype {other} is not a tensor type this server reads"))),
+            }
+        }
+        None => {
+            let c = input.contents.as_ref().ok_or_else(|| bad("has neither raw_input_contents nor contents".into()))?;
+            let v: Vec<f32> = match input.datatype.as_str() {
+                "FP32" => c.fp32_contents.clone(),
+                "UINT8" => c.uint_contents.iter().map(|&v| v as f32).collect(),
+                other => return Err(bad(format!("typed contents of {other} are not supported; send raw_input_contents"))),
+            };
+            if v.len() != n {
+                return Err(bad(format!("shape {:?} needs {n} values, found {}", input.shape, v.len())));
+            }
+            v
+        }
+    };
+    if let Some(i) = data.iter().position(|v| !v.is_finite()) {
+        return Err(bad(format!("element {i} is {} ; values must be finite", data[i])));
+    }
+    let payload = if input.datatype == "UINT8" { Payload::Pixels } else { Payload::Values };
+    Ok((Tensor { shape, data }, payload))
+}
+
+fn quant_params(input: &InferInputTensor) -> ServeResult<(f32, f32)> {
+    let scale = param_f64(&input.parameters, PARAM_SCALE);
+    let zp = param_f64(&input.parameters, PARAM_ZERO_POINT);
+    match (scale, zp) {
+        (Some(s), Some(z)) if s.is_finite() && s > 0.0 => Ok((s as f32, z as f32)),
+        _ => Err(ServeError::InvalidArgument(format!(
+            "input `{}`: INT8 tensors need the parameters {PARAM_SCALE} (> 0) and {PARAM_ZERO_POINT}",
+            input.name
+        ))),
+    }
+}
+
+/// Encodes a float tensor for the wire.
+pub fn encode_tensor(name: &str, t: &Tensor, dtype: WireDtype) -> (InferInputTensor, Bytes) {
+    let mut params = HashMap::new();
+    let bytes = match dtype {
+        WireDtype::Fp32 => {
+            let mut b = BytesMut::with_capacity(t.data.len() * 4);
+            for v in &t.data {
+                b.put_f32_le(*v);
+            }
+            b.freeze()
+        }
+        WireDtype::Fp16 => {
+            let mut b = BytesMut::with_capacity(t.data.len() * 2);
+            for v in &t.data {
+                b.put_slice(&half::f16::from_f32(*v).to_le_bytes());
+            }
+            b.freeze()
+        }
+        WireDtype::Int8 => {
+            // Asymmetric per-tensor quantisation over [min, max] (always including 0, so that
+            // ReLU zeros stay exact).
+            let (lo, hi) = t.data.iter().fold((0f32, 0f32), |(l, h), &v| (l.min(v), h.max(v)));
+            let scale = if hi > lo { (hi - lo) / 255.0 } else { 1.0 };
+            let zp = (-128.0 - lo / scale).round().clamp(-128.0, 127.0);
+            params.insert(PARAM_SCALE.to_string(), double_param(scale as f64));
+            params.insert(PARAM_ZERO_POINT.to_string(), int_param(zp as i64));
+            t.data.iter().map(|&v| ((v / scale).round() + zp).clamp(-128.0, 127.0) as i8 as u8).collect::<Vec<u8>>().into()
+        }
+    };
+    let input = InferInputTensor {
+        name: name.to_string(),
+        datatype: dtype.v2_name().to_string(),
+        shape: t.shape.iter().map(|&d| d as i64).collect(),
+        parameters: params,
+        contents: None,
+    };
+    (input, bytes)
+}
+
+/// The four answer outputs, one row per sample in request order. A sample that failed (non-finite
+/// logits at the last exit) gets label -1 and exit -1; `failed` lists the messages.
+pub fn answers_response(
+    model_name: &str,
+    id: &str,
+    results: &[SampleResult],
+    policy_version: u64,
+) -> ModelInferResponse {
+    let n = results.len();
+    let (mut label, mut exit, mut entropy, mut prob) =
+        (BytesMut::with_capacity(n * 8), BytesMut::with_capacity(n * 4), BytesMut::with_capacity(n * 4), BytesMut::with_capacity(n * 4));
+    let mut failed = Vec::new();
+    for (i, r) in results.iter().enumerate() {
+        match r {
+            SampleResult::Answered(a) => {
+                label.put_i64_le(a.class as i64);
+                exit.put_i32_le(a.exit as i32);
+                entropy.put_f32_le(a.entropy);
+                prob.put_f32_le(a.probability);
+            }
+            other => {
+                label.put_i64_le(-1);
+                exit.put_i32_le(-1);
+                entropy.put_f32_le(f32::NAN);
+                prob.put_f32_le(0.0);
+                failed.push(format!("sample {i}: {}", match other {
+                    SampleResult::Failed(m) => m.as_str(),
+                    _ => "not answered",
+                }));
+            }
+        }
+    }
+    let out = |name: &str, dt: &str| InferOutputTensor {
+        name: name.into(),
+        datatype: dt.into(),
+        shape: vec![n as i64],
+        parameters: HashMap::new(),
+        contents: None,
+    };
+    let mut parameters = HashMap::from([(PARAM_POLICY_VERSION.to_string(), int_param(policy_version as i64))]);
+    if !failed.is_empty() {
+        parameters.insert("classynet_failed".into(), string_param(failed.join("; ")));
+    }
+    ModelInferResponse {
+        model_name: model_name.into(),
+        model_version: String::new(),
+        id: id.into(),
+        parameters,
+        outputs: vec![out("label", "INT64"), out("exit", "INT32"), out("entropy", "FP32"), out("probability", "FP32")],
+        raw_output_contents: vec![label.freeze(), exit.freeze(), entropy.freeze(), prob.freeze()],
+    }
+}
+
+/// Reads the answers back from a response (the edge reading the cloud's reply).
+pub fn read_answers(resp: &ModelInferResponse) -> ServeResult<Vec<(i64, i32, f32, f32)>> {
+    let find = |name: &str| -> ServeResult<&Bytes> {
+        let i = resp.outputs.iter().position(|o| o.name == name).ok_or_else(|| {
+            ServeError::Unavailable(format!("the cloud's reply has no `{name}` output"))
+        })?;
+        resp.raw_output_contents.get(i).ok_or_else(|| ServeError::Unavailable(format!("the cloud's reply has no data for `{name}`")))
+    };
+    let (l, e, h, p) = (find("label")?, find("exit")?, find("entropy")?, find("probability")?);
+    let n = l.len() / 8;
+    if e.len() != n * 4 || h.len() != n * 4 || p.len() != n * 4 {
+        return Err(ServeError::Unavailable("the cloud's reply outputs have inconsistent lengths".into()));
+    }
+    Ok((0..n)
+        .map(|i| {
+            let g4 = |b: &Bytes| [b[i * 4], b[i * 4 + 1], b[i * 4 + 2], b[i * 4 + 3]];
+            (
+                i64::from_le_bytes(l[i * 8..i * 8 + 8].try_into().expect("8 bytes")),
+                i32::from_le_bytes(g4(e)),
+                f32::from_le_bytes(g4(h)),
+                f32::from_le_bytes(g4(p)),
+            )
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn roundtrip(dtype: WireDtype) -> (Tensor, usize) {
+        let t = Tensor::new(vec![2, 3], vec![0.0, 1.5, -0.25, 3.0, 0.0, 2.0]).unwrap();
+        let (input, bytes) = encode_tensor("cut", &t, dtype);
+        let len = bytes.len();
+        (decode_input(&input, Some(&bytes)).unwrap().0, len)
+    }
+
+    #[test]
+    fn wire_types_round_trip_within_their_precision() {
+        let (t, n) = roundtrip(WireDtype::Fp32);
+        assert_eq!(t.data, vec![0.0, 1.5, -0.25, 3.0, 0.0, 2.0]);
+        assert_eq!(n, 24);
+        let (t, n) = roundtrip(WireDtype::Fp16);
+        assert_eq!(t.data, vec![0.0, 1.5, -0.25, 3.0, 0.0, 2.0]); // all exactly representable
+        assert_eq!(n, 12);
+        let (t, n) = roundtrip(WireDtype::Int8);
+        assert_eq!(n, 6);
+        let scale = 3.25 / 255.0;
+        for (a, b) in t.data.iter().zip([0.0, 1.5, -0.25, 3.0, 0.0, 2.0]) {
+            assert!((a - b).abs() <= scale / 2.0 + 1e-6, "{a} vs {b}");
+        }
+        assert_eq!(t.data[0], 0.0, "zero stays exact");
+    }
+
+    #[test]
+    fn bad_tensors_are_explained() {
+        let input = InferInputTensor { name: "input".into(), datatype: "FP32".into(), shape: vec![2, 2], ..Default::default() };
+        let e = decode_input(&input, Some(&Bytes::from(vec![0u8; 12]))).unwrap_err().to_string();
+        assert_eq!(e, "input `input`: shape [2, 2] of FP32 needs 16 bytes, found 12");
+        let mut nan = BytesMut::new();
+        for v in [1.0f32, f32::NAN, 0.0, 0.0] {
+            nan.put_f32_le(v);
+        }
+        let e = decode_input(&input, Some(&nan.freeze())).unwrap_err().to_string();
+        assert!(e.contains("element 1 is NaN"), "{e}");
+        let bf = InferInputTensor { datatype: "BF16".into(), ..input.clone() };
+        assert!(decode_input(&bf, Some(&Bytes::new())).unwrap_err().to_string().contains("BF16"));
+        let q = InferInputTensor { datatype: "INT8".into(), ..input };
+        assert!(decode_input(&q, Some(&Bytes::from(vec![0u8; 4]))).unwrap_err().to_string().contains(PARAM_SCALE));
+    }
+}
