@@ -33,7 +33,6 @@ use clap::Parser;
 use prost::Message;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
@@ -88,6 +87,8 @@ pub struct Cloud {
     /// Per-sample shape of what index k takes (image or cut k), when the graph declares it.
     inputs: Vec<Option<Vec<usize>>>,
     policy: watch::Sender<(Policy, String)>,
+    /// Set when the server stops: open policy streams end so the graceful shutdown can finish.
+    stopping: watch::Sender<bool>,
 }
 
 impl Cloud {
@@ -151,7 +152,8 @@ impl Cloud {
         }
         let batchers = workers.iter().map(|w| Batcher::spawn(w.clone(), batch)).collect();
         let (policy_tx, _) = watch::channel((policy, policy_json));
-        Ok(Arc::new(Cloud { model, name, batchers, workers, inputs, policy: policy_tx }))
+        let (stopping, _) = watch::channel(false);
+        Ok(Arc::new(Cloud { model, name, batchers, workers, inputs, policy: policy_tx, stopping }))
     }
 
     /// Validates `file` against the model and puts it in force everywhere, or leaves the current
@@ -233,24 +235,11 @@ impl Cloud {
             if k != 0 {
                 return Err(ServeError::InvalidArgument("UINT8 pixels are only accepted for image batches".into()));
             }
-            normalise(&mut tensor, &self.model);
+            codec::normalise(&mut tensor, &self.model);
         }
         let version = self.policy_version();
-        let outcome = self.batchers[k].infer(tensor).await?;
-        Ok(codec::answers_response(&self.name, &req.id, &outcome.results, version))
-    }
-}
-
-/// Applies the model's normalisation to raw 8-bit pixels, in place.
-pub fn normalise(t: &mut Tensor, model: &Model) {
-    let inp = &model.meta.input;
-    let c = inp.shape[0];
-    let plane = inp.shape[1] * inp.shape[2];
-    for (i, v) in t.data.iter_mut().enumerate() {
-        let ch = (i / plane) % c;
-        let mean = inp.mean.get(ch).or(inp.mean.first()).copied().unwrap_or(0.0);
-        let std = inp.std.get(ch).or(inp.std.first()).copied().unwrap_or(1.0);
-        *v = (*v * inp.scale - mean) / std;
+        let served = self.batchers[k].infer(tensor).await?;
+        Ok(codec::answers_response(&self.name, &req.id, &served.outcome.results, version))
     }
 }
 
@@ -342,6 +331,7 @@ impl Control for ControlApi {
             .into());
         }
         let mut rx = c.policy.subscribe();
+        let mut stopping = c.stopping.subscribe();
         let fingerprint = c.model.fingerprint.clone();
         let stream = async_stream(move |tx| async move {
             loop {
@@ -349,8 +339,15 @@ impl Control for ControlApi {
                     let (p, json) = &*rx.borrow_and_update();
                     PolicyUpdate { version: p.version, policy_json: json.clone(), fingerprint: fingerprint.clone() }
                 };
-                if tx.send(Ok(update)).await.is_err() || rx.changed().await.is_err() {
+                if tx.send(Ok(update)).await.is_err() {
                     return;
+                }
+                tokio::select! {
+                    changed = rx.changed() => if changed.is_err() { return },
+                    _ = until_set(&mut stopping) => {
+                        let _ = tx.send(Err(Status::unavailable("cloud-server is shutting down"))).await;
+                        return;
+                    }
                 }
             }
         });
@@ -385,6 +382,18 @@ impl Control for ControlApi {
     }
 }
 
+/// Resolves once the flag is true (or its sender is gone).
+async fn until_set(flag: &mut watch::Receiver<bool>) {
+    loop {
+        if *flag.borrow_and_update() {
+            return;
+        }
+        if flag.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 /// A stream fed by a task through a small channel.
 fn async_stream<T, F, Fut>(f: F) -> Streamed<T>
 where
@@ -406,12 +415,17 @@ pub struct Handle {
 }
 
 impl Handle {
-    /// Stops accepting, lets in-flight calls finish, and waits for the server to end.
+    /// Stops accepting, ends policy streams, lets in-flight calls finish (at most 10 s), and
+    /// waits for the server to end.
     pub async fn stop(mut self) {
+        self.cloud.stopping.send_replace(true);
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        let _ = self.task.await;
+        if tokio::time::timeout(Duration::from_secs(10), &mut self.task).await.is_err() {
+            tracing::warn!("in-flight calls did not finish within 10 s; closing anyway");
+            self.task.abort();
+        }
     }
 }
 
@@ -440,7 +454,10 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
             .add_service(health_service)
             .add_service(inference)
             .add_service(control)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            .serve_with_incoming_shutdown(
+                // No Nagle: a batch's reply must not wait for a delayed ACK (40 ms on Linux).
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                async {
                 let _ = rx.await;
             }),
     );

@@ -19,6 +19,7 @@ use crate::model::{fmt_dims, Model};
 use crate::ort_backend::{init_ort, OrtBackend, OrtGraph, SessionOptions};
 use crate::partition::{extract_side, segments, Side};
 use crate::planner::{choose, human, parse_size, plan, Formula};
+use crate::report::RunReport;
 use crate::runner::{SampleResult, SegmentedRunner};
 use crate::worker::{Pending, Worker};
 
@@ -385,7 +386,7 @@ fn partition_cmd(a: &PartitionArgs) -> Result<()> {
 }
 
 /// Loads the dataset and checks that its samples fit the model.
-fn open_dataset(d: &DataArgs, m: &Model) -> Result<Dataset> {
+pub fn open_dataset(d: &DataArgs, m: &Model) -> Result<Dataset> {
     if d.batch == 0 {
         return Err(Error::Parse("--batch must be at least 1".into()));
     }
@@ -409,7 +410,7 @@ fn open_dataset(d: &DataArgs, m: &Model) -> Result<Dataset> {
 }
 
 /// Normalised `[n, C, H, W]` batch of samples `range`.
-fn make_batch(ds: &Dataset, m: &Model, range: std::ops::Range<usize>) -> Tensor {
+pub fn make_batch(ds: &Dataset, m: &Model, range: std::ops::Range<usize>) -> Tensor {
     let len = ds.sample_len();
     let mut data = vec![0f32; range.len() * len];
     let inp = &m.meta.input;
@@ -431,14 +432,6 @@ fn load_policy(path: Option<&Path>, m: &Model) -> Result<Policy> {
     }
 }
 
-/// Per-exit tallies of a run.
-struct Tally {
-    count: Vec<u64>,
-    correct: Vec<u64>,
-    per_class: Vec<Vec<u64>>,
-    failed: u64,
-}
-
 fn run_cmd(a: &RunArgs, opts: SessionOptions) -> Result<()> {
     let m = a.model.load()?;
     if !m.starts_at_input() || m.present.end != m.num_exits() {
@@ -454,24 +447,17 @@ fn run_cmd(a: &RunArgs, opts: SessionOptions) -> Result<()> {
     let worker = Worker::spawn("classynet-ort", 2, move || {
         SegmentedRunner::new(OrtBackend::new(&mm, opts)?, 0, &pp, Some(sample))
     })?;
-    let (k, exits) = (m.meta.num_classes(), m.num_exits());
-    let mut t = Tally { count: vec![0; exits], correct: vec![0; exits], per_class: vec![vec![0; k]; exits], failed: 0 };
+    let mut report = RunReport::new(&m, &ds.name, a.data.batch, policy.version);
     let n = ds.len();
     let start = Instant::now();
     let mut pending: VecDeque<(usize, Pending)> = VecDeque::new();
-    let absorb = |t: &mut Tally, first: usize, p: Pending| -> Result<()> {
+    let absorb = |report: &mut RunReport, first: usize, p: Pending| -> Result<()> {
         let out = worker.wait(p)?;
         for (row, r) in out.results.iter().enumerate() {
             match r {
-                SampleResult::Answered(ans) => {
-                    t.count[ans.exit] += 1;
-                    t.per_class[ans.exit][ans.class as usize] += 1;
-                    if ds.labels[first + row] == ans.class as i64 {
-                        t.correct[ans.exit] += 1;
-                    }
-                }
+                SampleResult::Answered(ans) => report.answered(ans, ds.labels[first + row]),
                 SampleResult::Failed(msg) => {
-                    t.failed += 1;
+                    report.failed();
                     tracing::warn!(sample = first + row, "{msg}");
                 }
                 SampleResult::Forwarded => unreachable!("a full model's last exit answers every sample"),
@@ -488,7 +474,7 @@ fn run_cmd(a: &RunArgs, opts: SessionOptions) -> Result<()> {
         // Two batches in flight: the next one is normalised while the current one runs.
         if pending.len() > 2 {
             let (f, p) = pending.pop_front().expect("non-empty");
-            absorb(&mut t, f, p)?;
+            absorb(&mut report, f, p)?;
             if show_progress && last_progress.elapsed().as_millis() > 250 {
                 last_progress = Instant::now();
                 eprint!("\r{}/{n} samples", f + a.data.batch);
@@ -496,51 +482,17 @@ fn run_cmd(a: &RunArgs, opts: SessionOptions) -> Result<()> {
         }
     }
     while let Some((f, p)) = pending.pop_front() {
-        absorb(&mut t, f, p)?;
+        absorb(&mut report, f, p)?;
     }
     if show_progress {
         eprint!("\r{:width$}\r", "", width = 30);
     }
-    let secs = start.elapsed().as_secs_f64();
-    let correct: u64 = t.correct.iter().sum();
-    let accuracy = correct as f64 / n as f64;
-    let sps = n as f64 / secs;
+    report.seconds = start.elapsed().as_secs_f64();
     if a.model.json {
-        print_json(&json!({
-            "model": m.name(), "fingerprint": m.fingerprint, "dataset": ds.name, "samples": n,
-            "accuracy": accuracy, "correct": correct, "failed": t.failed, "samples_per_second": sps, "seconds": secs,
-            "batch": a.data.batch, "policy_version": policy.version, "classes": m.meta.classes,
-            "exits": (0..exits).map(|e| json!({
-                "name": m.meta.exits[e].name, "count": t.count[e], "correct": t.correct[e], "per_class": t.per_class[e],
-            })).collect::<Vec<_>>(),
-        }));
-        return Ok(());
+        print_json(&report.json());
+    } else {
+        println!("{}", report.table(if a.policy.is_none() { " (model defaults)" } else { "" }));
     }
-    println!(
-        "model {} · {} · {} samples · batch {} · policy v{}{}",
-        m.name(),
-        ds.name,
-        n,
-        a.data.batch,
-        policy.version,
-        if a.policy.is_none() { " (model defaults)" } else { "" }
-    );
-    let short: Vec<String> = m.meta.classes.iter().map(|c| c.chars().take(7).collect()).collect();
-    print!("{:<4} {:>7} {:>7} {:>7} ", "exit", "count", "correct", "acc");
-    for s in &short {
-        print!(" {s:>7}");
-    }
-    println!();
-    for e in 0..exits {
-        let acc = if t.count[e] > 0 { format!("{:.1}%", 100.0 * t.correct[e] as f64 / t.count[e] as f64) } else { "-".into() };
-        print!("{:<4} {:>7} {:>7} {:>7} ", m.meta.exits[e].name, t.count[e], t.correct[e], acc);
-        for c in &t.per_class[e] {
-            print!(" {c:>7}");
-        }
-        println!();
-    }
-    println!("accuracy {:.2}% ({correct}/{n}){}", 100.0 * accuracy, if t.failed > 0 { format!(", {} failed", t.failed) } else { String::new() });
-    println!("throughput {sps:.0} samples/s ({secs:.2} s)");
     Ok(())
 }
 

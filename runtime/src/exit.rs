@@ -69,6 +69,19 @@ impl ExitRule {
         self.last || (self.threshold.is_some() && self.allowed.iter().any(|&a| a))
     }
 
+    /// The best answer this exit can give a sample regardless of threshold and allowed classes:
+    /// the most probable real class (never the bag). Used when a sample cannot go deeper (the
+    /// edge lost its cloud). `None` for non-finite logits.
+    pub fn fallback(&self, row: &[f32]) -> Option<Answer> {
+        if row.iter().any(|v| !v.is_finite()) {
+            return None;
+        }
+        let mut probs = vec![0f32; row.len()];
+        let entropy = softmax_entropy(row, &mut probs);
+        let i = argmax(&probs, |i| self.class_of[i].is_some());
+        Some(Answer { class: self.class_of[i]?, exit: self.index, entropy, probability: probs[i] })
+    }
+
     /// Decides every sample of a `[n, width]` logits block (row-major).
     pub fn decide(&self, logits: &[f32]) -> Vec<Outcome> {
         let w = self.width();

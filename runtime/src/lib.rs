@@ -19,6 +19,7 @@ pub mod model;
 pub mod ort_backend;
 pub mod partition;
 pub mod planner;
+pub mod report;
 pub mod runner;
 pub mod worker;
 

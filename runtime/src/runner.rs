@@ -26,6 +26,20 @@ pub struct Forward {
     pub rows: Vec<usize>,
     /// Their cut tensor, one row each, in `rows` order.
     pub cut: Tensor,
+    /// The deepest held exit's best guess for each, in `rows` order (`None` for non-finite
+    /// logits): the answer to give when the rest of the network cannot be reached.
+    pub fallback: Vec<Option<Answer>>,
+}
+
+impl Forward {
+    /// The rows at positions `picks` of this forward (a request's share of a batch).
+    pub fn select(&self, picks: &[usize], offset: usize) -> Forward {
+        Forward {
+            rows: picks.iter().map(|&i| self.rows[i] - offset).collect(),
+            cut: self.cut.gather(picks),
+            fallback: picks.iter().map(|&i| self.fallback[i]).collect(),
+        }
+    }
 }
 
 /// Result of one batch, in input order.
@@ -127,6 +141,7 @@ impl<B: Backend> SegmentedRunner<B> {
         // Positions in the original batch of the rows of `current`.
         let mut alive: Vec<usize> = (0..n).collect();
         let mut current = input;
+        let mut fallback = Vec::new();
         for group in &self.groups {
             let rule = &self.rules[group.end - 1];
             let out = self.backend.run_group(group.clone(), &current)?;
@@ -148,6 +163,8 @@ impl<B: Backend> SegmentedRunner<B> {
                     Outcome::Continue => keep.push(row),
                 }
             }
+            let w = rule.width();
+            fallback = keep.iter().map(|&r| rule.fallback(&out.logits.data[r * w..(r + 1) * w])).collect();
             let Some(cut) = out.cut else {
                 debug_assert!(keep.is_empty(), "the last exit answers every sample");
                 return Ok(BatchOutcome { results, forward: None });
@@ -160,7 +177,7 @@ impl<B: Backend> SegmentedRunner<B> {
                 return Ok(BatchOutcome { results, forward: None });
             }
         }
-        Ok(BatchOutcome { results, forward: Some(Forward { rows: alive, cut: current }) })
+        Ok(BatchOutcome { results, forward: Some(Forward { rows: alive, cut: current, fallback }) })
     }
 }
 
@@ -269,6 +286,9 @@ pub(crate) mod tests {
         let f = out.forward.unwrap();
         assert_eq!(f.rows, vec![0, 2]);
         assert_eq!(f.cut.data, vec![25.0, 31.0], "forwarded rows keep input order");
+        // The deepest held exit (E2) guesses each forwarded sample's class for degraded answers.
+        let guesses: Vec<(u32, usize)> = f.fallback.iter().map(|a| (a.unwrap().class, a.unwrap().exit)).collect();
+        assert_eq!(guesses, vec![(1, 1), (3, 1)]);
     }
 
     #[test]

@@ -8,20 +8,44 @@
 //! counted in samples: when `max_queue` samples are waiting, new requests are refused with
 //! `ResourceExhausted` instead of queueing without bound.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use classynet_runtime::backend::Tensor;
-use classynet_runtime::runner::{BatchOutcome, Forward};
+use classynet_runtime::runner::BatchOutcome;
 use classynet_runtime::worker::Worker;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::error::{ServeError, ServeResult};
 
+/// Where a sample's answer came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Decided by the segments run here.
+    Local,
+    /// Decided by the next hop (the cloud, for an edge).
+    Remote,
+    /// The next hop was unreachable: the deepest local exit's best guess.
+    Degraded,
+}
+
+/// A batch's outcome after the finisher: the runner's outcome plus where each answer came from.
+#[derive(Debug, Clone)]
+pub struct Served {
+    pub outcome: BatchOutcome,
+    pub origin: Vec<Origin>,
+}
+
+/// Runs after the worker, on the whole batch (an edge forwards the batch's survivors here in one
+/// call). It must answer or keep every row.
+pub type Finisher = Arc<dyn Fn(BatchOutcome) -> Pin<Box<dyn Future<Output = ServeResult<Served>> + Send>> + Send + Sync>;
+
 struct Item {
     input: Tensor,
-    reply: oneshot::Sender<ServeResult<BatchOutcome>>,
+    reply: oneshot::Sender<ServeResult<Served>>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -46,10 +70,21 @@ pub struct BatchConfig {
 }
 
 impl Batcher {
-    /// Starts the actor on the current tokio runtime.
+    /// Starts the actor on the current tokio runtime; every answer is [`Origin::Local`].
     pub fn spawn(worker: Arc<Worker>, cfg: BatchConfig) -> Batcher {
+        let local: Finisher = Arc::new(|outcome: BatchOutcome| {
+            Box::pin(async move {
+                let origin = vec![Origin::Local; outcome.results.len()];
+                Ok(Served { outcome, origin })
+            })
+        });
+        Batcher::spawn_with(worker, cfg, local)
+    }
+
+    /// Starts the actor with a batch-level finisher.
+    pub fn spawn_with(worker: Arc<Worker>, cfg: BatchConfig, finish: Finisher) -> Batcher {
         let (tx, rx) = mpsc::channel(1024);
-        tokio::spawn(run_actor(rx, worker, cfg));
+        tokio::spawn(run_actor(rx, worker, cfg, finish));
         Batcher {
             tx,
             permits: Arc::new(Semaphore::new(cfg.max_queue)),
@@ -65,7 +100,7 @@ impl Batcher {
 
     /// Runs `input` (`[n, ...]`, 1 ≤ n ≤ max_batch) as part of a batch; the outcome covers
     /// exactly its n samples, in order.
-    pub async fn infer(&self, input: Tensor) -> ServeResult<BatchOutcome> {
+    pub async fn infer(&self, input: Tensor) -> ServeResult<Served> {
         let n = input.batch();
         if n == 0 || n > self.max_batch {
             return Err(ServeError::ResourceExhausted(format!(
@@ -89,7 +124,7 @@ impl Batcher {
     }
 }
 
-async fn run_actor(mut rx: mpsc::Receiver<Item>, worker: Arc<Worker>, cfg: BatchConfig) {
+async fn run_actor(mut rx: mpsc::Receiver<Item>, worker: Arc<Worker>, cfg: BatchConfig, finish: Finisher) {
     let mut carry: Option<Item> = None;
     loop {
         let first = match carry.take() {
@@ -117,11 +152,14 @@ async fn run_actor(mut rx: mpsc::Receiver<Item>, worker: Arc<Worker>, cfg: Batch
         }
         let batch = concat(items.iter().map(|i| &i.input));
         let worker = worker.clone();
-        // The worker thread runs batches in order; awaiting here would stop collecting.
+        // The worker thread runs batches in order; awaiting here would stop collecting, and
+        // the finisher's round trip would stall the next batch.
         let pending = tokio::spawn(async move { worker.run(batch).await });
+        let finish = finish.clone();
         tokio::spawn(async move {
             let outcome = match pending.await {
-                Ok(r) => r.map_err(ServeError::from),
+                Ok(Ok(o)) => finish(o).await,
+                Ok(Err(e)) => Err(ServeError::from(e)),
                 Err(e) => Err(ServeError::Unavailable(format!("inference task failed: {e}"))),
             };
             split(outcome, items);
@@ -143,8 +181,8 @@ fn concat<'a>(parts: impl Iterator<Item = &'a Tensor> + Clone) -> Tensor {
 }
 
 /// Gives every request its rows of the batch outcome.
-fn split(outcome: ServeResult<BatchOutcome>, items: Vec<Item>) {
-    let outcome = match outcome {
+fn split(served: ServeResult<Served>, items: Vec<Item>) {
+    let Served { outcome, origin } = match served {
         Ok(o) => o,
         Err(e) => {
             let msg = e.to_string();
@@ -165,12 +203,10 @@ fn split(outcome: ServeResult<BatchOutcome>, items: Vec<Item>) {
         let results = outcome.results[start..start + n].to_vec();
         let forward = outcome.forward.as_ref().and_then(|f| {
             let picks: Vec<usize> = (0..f.rows.len()).filter(|&i| (start..start + n).contains(&f.rows[i])).collect();
-            (!picks.is_empty()).then(|| Forward {
-                rows: picks.iter().map(|&i| f.rows[i] - start).collect(),
-                cut: f.cut.gather(&picks),
-            })
+            (!picks.is_empty()).then(|| f.select(&picks, start))
         });
-        let _ = item.reply.send(Ok(BatchOutcome { results, forward }));
+        let origin = origin[start..start + n].to_vec();
+        let _ = item.reply.send(Ok(Served { outcome: BatchOutcome { results, forward }, origin }));
         start += n;
     }
 }

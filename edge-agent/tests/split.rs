@@ -1,0 +1,230 @@
+//! edge-agent and cloud-server over real sockets on 127.0.0.1 (port 0), on the zoo's tiny model
+//! and the Fashion-MNIST test set.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use classynet_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use classynet_proto::inference::*;
+use classynet_runtime::cli::{make_batch, open_dataset, DataArgs};
+use classynet_runtime::exit::{Policy, PolicyFile};
+use classynet_runtime::model::Model;
+use classynet_runtime::ort_backend::{init_ort, OrtBackend, SessionOptions};
+use classynet_runtime::runner::{SampleResult, SegmentedRunner};
+use classynet_serving::batcher::Origin;
+use classynet_serving::codec;
+use edge_agent::{classify, Config, Edge, Wire};
+
+const SAMPLES: usize = 600;
+
+fn zoo(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/zoo").join(name)
+}
+
+fn cloud_config(model: PathBuf, listen: &str, policy: Option<PathBuf>) -> cloud_server::Config {
+    cloud_server::Config {
+        model,
+        model_name: None,
+        listen: listen.into(),
+        policy,
+        max_batch: 64,
+        max_delay_ms: 1,
+        max_queue: 4096,
+        threads: 1,
+        ort_lib: None,
+    }
+}
+
+fn edge_config(model: Option<PathBuf>, partition: &str, server: String) -> Config {
+    Config {
+        server: Some(server),
+        partition: Some(partition.into()),
+        memory_budget: None,
+        model,
+        listen: "127.0.0.1:0".into(),
+        max_batch: 16,
+        max_delay_ms: 2,
+        max_queue: 1024,
+        wire_dtype: Wire::Fp32,
+        cloud_timeout_ms: 1000,
+        threads: 1,
+        ort_lib: None,
+        command: None,
+    }
+}
+
+/// What `classynet run` answers for the same samples and policy.
+fn local(model: &Model, policy: &Policy) -> Vec<(u32, usize)> {
+    init_ort(None, 1).unwrap();
+    let ds = open_dataset(&DataArgs { dataset: "fashion-mnist:test".into(), data_dir: None, limit: Some(SAMPLES), batch: 64 }, model)
+        .unwrap();
+    let mut r = SegmentedRunner::new(OrtBackend::new(model, SessionOptions::default()).unwrap(), 0, policy, None).unwrap();
+    let mut out = Vec::new();
+    for f in (0..ds.len()).step_by(64) {
+        for s in r.run(make_batch(&ds, model, f..(f + 64).min(ds.len()))).unwrap().results {
+            match s {
+                SampleResult::Answered(a) => out.push((a.class, a.exit)),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    out
+}
+
+fn answers(out: &edge_agent::ClassifyOutput) -> Vec<(u32, usize)> {
+    out.answers.iter().map(|a| a.map(|(c, e, _)| (c, e)).expect("every sample answered")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_execution_answers_like_the_local_runner_at_every_partition() {
+    let path = zoo("tiny-3exit-cn.onnx");
+    let model = Model::load(&path).unwrap();
+    let want = local(&model, &Policy::defaults(&model.meta));
+    let cloud = cloud_server::start(cloud_config(path.clone(), "127.0.0.1:0", None)).await.unwrap();
+    for (partition, source) in [("E1", Some(path.clone())), ("E2", None)] {
+        // E1 cuts the local model file; E2 downloads its head from the cloud.
+        let edge = Edge::load(&edge_config(source, partition, cloud.addr.to_string())).await.unwrap();
+        let out = classify(&edge, "fashion-mnist:test", None, Some(SAMPLES), 32).await.unwrap();
+        assert_eq!(answers(&out), want, "partition {partition}");
+        let j = &out.json;
+        let k = edge.k;
+        let (e, c) = (j["answered"]["edge"].as_u64().unwrap(), j["answered"]["cloud"].as_u64().unwrap());
+        assert_eq!(e + c, SAMPLES as u64);
+        assert_eq!(j["answered"]["degraded"], 0);
+        assert_eq!(e as usize, want.iter().filter(|a| a.1 < k).count(), "edge answers exactly its exits' samples");
+        assert!(j["wire_bytes_per_sample"].as_f64().unwrap() > 0.0);
+        assert!(j["latency_ms"]["p50"].as_f64().unwrap() <= j["latency_ms"]["p99"].as_f64().unwrap());
+        assert_eq!(j["samples"], SAMPLES as u64);
+    }
+    cloud.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn int8_and_fp16_wires_send_fewer_bytes() {
+    let path = zoo("tiny-3exit-cn.onnx");
+    let cloud = cloud_server::start(cloud_config(path.clone(), "127.0.0.1:0", None)).await.unwrap();
+    let mut bytes = Vec::new();
+    for wire in [Wire::Fp32, Wire::Fp16, Wire::Int8] {
+        let mut cfg = edge_config(Some(path.clone()), "E1", cloud.addr.to_string());
+        cfg.wire_dtype = wire;
+        let edge = Edge::load(&cfg).await.unwrap();
+        let out = classify(&edge, "fashion-mnist:test", None, Some(300), 32).await.unwrap();
+        bytes.push(out.json["wire_bytes_per_sample"].as_f64().unwrap());
+        assert!(out.json["accuracy"].as_f64().unwrap() > 0.6);
+    }
+    assert!((bytes[0] / bytes[1] - 2.0).abs() < 0.01, "{bytes:?}");
+    assert!((bytes[0] / bytes[2] - 4.0).abs() < 0.01, "{bytes:?}");
+    cloud.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_change_on_the_cloud_reaches_the_edge_within_a_second() {
+    let path = zoo("tiny-3exit-cn.onnx");
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(&policy, "version = 1\n").unwrap();
+    let cloud = cloud_server::start(cloud_config(path.clone(), "127.0.0.1:0", Some(policy.clone()))).await.unwrap();
+    let edge = Edge::load(&edge_config(Some(path.clone()), "E2", cloud.addr.to_string())).await.unwrap();
+    let wait_for = |v: u64| {
+        let edge = edge.clone();
+        async move {
+            let t = Instant::now();
+            while edge.policy_version() != v {
+                assert!(t.elapsed() < Duration::from_secs(1), "policy v{v} not in force on the edge after 1 s");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            t.elapsed()
+        }
+    };
+    wait_for(1).await;
+    let before = classify(&edge, "fashion-mnist:test", None, Some(300), 32).await.unwrap();
+    assert!(before.answers.iter().any(|a| a.unwrap().1 == 0), "E1 answers some samples by default");
+
+    // Disable E1 and restrict E2 to Bag (8): the edge now answers only bags, at E2.
+    std::fs::write(&policy, "version = 2\n[[exits]]\nname = \"E1\"\ndisabled = true\n[[exits]]\nname = \"E2\"\nclasses = [8]\n").unwrap();
+    let took = wait_for(2).await;
+    let after = classify(&edge, "fashion-mnist:test", None, Some(300), 32).await.unwrap();
+    assert!(after.answers.iter().all(|a| a.unwrap().1 != 0), "E1 is disabled");
+    assert!(after.answers.iter().filter(|a| a.unwrap().1 == 1).all(|a| a.unwrap().0 == 8));
+    assert_eq!(after.json["policy_version"], 2);
+    eprintln!("policy reached the edge in {took:?}");
+
+    // An invalid policy (class out of range) is refused; version 2 stays in force everywhere.
+    std::fs::write(&policy, "version = 3\n[[exits]]\nname = \"E2\"\nclasses = [42]\n").unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(cloud.cloud.policy_version(), 2);
+    assert_eq!(edge.policy_version(), 2);
+    cloud.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_cloud_degrades_then_recovers_and_every_request_is_answered() {
+    let path = zoo("tiny-3exit-cn.onnx");
+    let cloud = cloud_server::start(cloud_config(path.clone(), "127.0.0.1:0", None)).await.unwrap();
+    let addr = cloud.addr;
+    let mut cfg = edge_config(Some(path.clone()), "E1", addr.to_string());
+    cfg.cloud_timeout_ms = 300;
+    let edge = Edge::load(&cfg).await.unwrap();
+    let ok = classify(&edge, "fashion-mnist:test", None, Some(200), 32).await.unwrap();
+    assert_eq!(ok.json["answered"]["degraded"], 0);
+
+    cloud.stop().await;
+    let down = classify(&edge, "fashion-mnist:test", None, Some(200), 32).await.unwrap();
+    assert_eq!(down.answers.len(), 200);
+    assert!(down.answers.iter().all(|a| a.is_some()), "every request gets an answer");
+    let degraded = down.answers.iter().filter(|a| a.unwrap().2 == Origin::Degraded).count();
+    let local = down.answers.iter().filter(|a| a.unwrap().2 == Origin::Local).count();
+    assert_eq!(degraded + local, 200);
+    assert!(degraded > 0 && down.answers.iter().all(|a| a.unwrap().1 == 0), "degraded answers come from E1");
+
+    // The cloud comes back on the same address: full service again after the backoff.
+    let cloud = cloud_server::start(cloud_config(path.clone(), &addr.to_string(), None)).await.unwrap();
+    let t = Instant::now();
+    loop {
+        let out = classify(&edge, "fashion-mnist:test", None, Some(100), 32).await.unwrap();
+        if out.json["answered"]["degraded"] == 0 {
+            assert!(out.json["answered"]["cloud"].as_u64().unwrap() > 0);
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(15), "the edge did not reconnect");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    cloud.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_v2_client_uses_the_edge() {
+    let path = zoo("tiny-3exit-cn.onnx");
+    let cloud = cloud_server::start(cloud_config(path.clone(), "127.0.0.1:0", None)).await.unwrap();
+    let edge = edge_agent::start(edge_config(Some(path.clone()), "E1", cloud.addr.to_string())).await.unwrap();
+    let mut client = GrpcInferenceServiceClient::connect(format!("http://{}", edge.addr)).await.unwrap();
+    assert!(client.server_ready(ServerReadyRequest {}).await.unwrap().into_inner().ready);
+    let meta = client.model_metadata(ModelMetadataRequest { name: "tiny-3exit-cn".into(), version: String::new() }).await.unwrap();
+    assert_eq!(meta.get_ref().inputs[0].shape, vec![-1, 1, 28, 28]);
+    // Raw UINT8 pixels straight from the dataset: the edge normalises them.
+    let model = Model::load(&path).unwrap();
+    let ds = open_dataset(&DataArgs { dataset: "fashion-mnist:test".into(), data_dir: None, limit: Some(8), batch: 8 }, &model).unwrap();
+    let pixels: Vec<u8> = match &ds.pixels {
+        classynet_runtime::dataset::Pixels::U8(p) => p[..8 * 784].to_vec(),
+        _ => unreachable!("Fashion-MNIST pixels are bytes"),
+    };
+    let req = ModelInferRequest {
+        model_name: "tiny-3exit-cn".into(),
+        inputs: vec![model_infer_request::InferInputTensor {
+            name: "input".into(),
+            datatype: "UINT8".into(),
+            shape: vec![8, 1, 28, 28],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![pixels.into()],
+        ..Default::default()
+    };
+    let resp = client.model_infer(req).await.unwrap().into_inner();
+    let got: Vec<(u32, usize)> = codec::read_answers(&resp).unwrap().iter().map(|a| (a.0 as u32, a.1 as usize)).collect();
+    let want = local(&model, &Policy::defaults(&model.meta));
+    assert_eq!(got, want[..8].to_vec());
+    let _ = Arc::new(PolicyFile::default());
+    edge.stop().await;
+    cloud.stop().await;
+}
