@@ -309,8 +309,31 @@ impl Edge {
     }
 
     /// Classifies a normalised image batch; answers in order, with where each came from.
+    /// Requests larger than the edge batch are split into batch-sized pieces that run
+    /// concurrently, so a client need not know the device's batch size.
     pub async fn infer(&self, input: Tensor) -> ServeResult<Served> {
-        self.batcher.infer(input).await
+        let max = self.batcher.max_batch();
+        let n = input.batch();
+        if n <= max {
+            return self.batcher.infer(input).await;
+        }
+        let pieces: Vec<_> = (0..n)
+            .step_by(max)
+            .map(|f| {
+                let rows: Vec<usize> = (f..(f + max).min(n)).collect();
+                let b = self.batcher.clone();
+                let part = input.gather(&rows);
+                async move { b.infer(part).await }
+            })
+            .collect();
+        let mut results = Vec::with_capacity(n);
+        let mut origin = Vec::with_capacity(n);
+        for piece in futures_join(pieces).await {
+            let s = piece?;
+            results.extend(s.outcome.results);
+            origin.extend(s.origin);
+        }
+        Ok(Served { outcome: BatchOutcome { results, forward: None }, origin })
     }
 
     async fn apply_policy(&self, json: &str) -> Result<u64, String> {
@@ -443,6 +466,19 @@ fn forwarder(link: Arc<CloudLink>, stats: Arc<Stats>, k: usize, fingerprint: Str
             Ok(Served { outcome, origin })
         })
     })
+}
+
+/// Awaits all futures concurrently, keeping their order.
+async fn futures_join<F: std::future::Future + Send + 'static>(futs: Vec<F>) -> Vec<F::Output>
+where
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futs.into_iter().map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        out.push(h.await.expect("inference pieces do not panic"));
+    }
+    out
 }
 
 struct LocalApi(Arc<Edge>);
