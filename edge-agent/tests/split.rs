@@ -2,13 +2,12 @@
 //! and the Fashion-MNIST test set.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use classynet_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use classynet_proto::inference::*;
 use classynet_runtime::cli::{make_batch, open_dataset, DataArgs};
-use classynet_runtime::exit::{Policy, PolicyFile};
+use classynet_runtime::exit::Policy;
 use classynet_runtime::model::Model;
 use classynet_runtime::ort_backend::{init_ort, OrtBackend, SessionOptions};
 use classynet_runtime::runner::{SampleResult, SegmentedRunner};
@@ -224,7 +223,21 @@ async fn a_v2_client_uses_the_edge() {
     let got: Vec<(u32, usize)> = codec::read_answers(&resp).unwrap().iter().map(|a| (a.0 as u32, a.1 as usize)).collect();
     let want = local(&model, &Policy::defaults(&model.meta));
     assert_eq!(got, want[..8].to_vec());
-    let _ = Arc::new(PolicyFile::default());
     edge.stop().await;
     cloud.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_budget_picks_the_deepest_partition_that_fits() {
+    let path = zoo("tiny-3exit-cn.onnx");
+    let mut cfg = edge_config(Some(path.clone()), "E1", "127.0.0.1:9".into());
+    cfg.partition = None;
+    cfg.memory_budget = Some("100MB".into());
+    let edge = Edge::load(&cfg).await.unwrap();
+    assert_eq!(edge.k, 3, "everything fits in 100 MB: the edge runs every exit and needs no cloud");
+    let out = classify(&edge, "fashion-mnist:test", None, Some(50), 8).await.unwrap();
+    assert_eq!(out.json["answered"]["edge"], 50);
+    cfg.memory_budget = Some("10kB".into());
+    let e = Edge::load(&cfg).await.err().unwrap().to_string();
+    assert!(e.contains("no partition fits a budget of 10.0 kB"), "{e}");
 }
