@@ -104,7 +104,7 @@ def hardware() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return f"{cpu} ({os.cpu_count()} cores), torch {torch.__version__}, torch threads: {torch.get_num_threads()}"
 
 
 def train(cfg: TrainConfig, out: Path, data_dir: Path | None = None, progress: bool = True,
