@@ -13,6 +13,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use clap::Parser;
 use classynet_proto::control::control_server::{Control, ControlServer};
 use classynet_proto::control::{GetPartitionRequest, PartitionChunk, PolicyUpdate, WatchPolicyRequest};
 use classynet_proto::inference::grpc_inference_service_server::{GrpcInferenceService, GrpcInferenceServiceServer};
@@ -29,7 +30,6 @@ use classynet_runtime::worker::Worker;
 use classynet_serving::batcher::{BatchConfig, Batcher};
 use classynet_serving::codec::{self, Payload, PARAM_CUT, PARAM_FINGERPRINT};
 use classynet_serving::{ServeError, ServeResult};
-use clap::Parser;
 use prost::Message;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -211,7 +211,10 @@ impl Cloud {
             }
         }
         let [input] = req.inputs.as_slice() else {
-            return Err(ServeError::InvalidArgument(format!("expected exactly one input tensor, found {}", req.inputs.len())));
+            return Err(ServeError::InvalidArgument(format!(
+                "expected exactly one input tensor, found {}",
+                req.inputs.len()
+            )));
         };
         let raw = match req.raw_input_contents.len() {
             0 => None,
@@ -292,7 +295,8 @@ impl GrpcInferenceService for InferenceApi {
         }
         let mut shape = vec![-1i64];
         shape.extend(c.model.meta.input.shape.iter().map(|&d| d as i64));
-        let t = |name: &str, dt: &str, shape: Vec<i64>| TensorMetadata { name: name.into(), datatype: dt.into(), shape };
+        let t =
+            |name: &str, dt: &str, shape: Vec<i64>| TensorMetadata { name: name.into(), datatype: dt.into(), shape };
         Ok(Response::new(ModelMetadataResponse {
             name: c.name.clone(),
             versions: vec![],
@@ -360,7 +364,8 @@ impl Control for ControlApi {
     ) -> Result<Response<Self::GetPartitionStream>, Status> {
         let c = &self.0;
         let m = c.model.num_exits();
-        let side = Side::parse(&r.get_ref().partition, PartitionRole::Head, m).map_err(|e| ServeError::NotFound(e.to_string()))?;
+        let side = Side::parse(&r.get_ref().partition, PartitionRole::Head, m)
+            .map_err(|e| ServeError::NotFound(e.to_string()))?;
         let segs = segments(&c.model).map_err(ServeError::from)?;
         let bytes = bytes::Bytes::from(extract_side(&c.model, &segs, &side).map_err(ServeError::from)?.encode_to_vec());
         let total = bytes.len() as u64;
@@ -458,8 +463,9 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
                 // No Nagle: a batch's reply must not wait for a delayed ACK (40 ms on Linux).
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
                 async {
-                let _ = rx.await;
-            }),
+                    let _ = rx.await;
+                },
+            ),
     );
     tracing::info!(%addr, model = %cloud.name, exits = cloud.model.num_exits(), max_message_bytes = limit, "cloud-server ready");
     Ok(Handle { addr, cloud, shutdown: Some(tx), task })

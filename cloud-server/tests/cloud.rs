@@ -80,9 +80,13 @@ async fn v2_clients_get_the_same_answers_as_the_local_runner() {
     let handle = cloud_server::start(config(fixture("tiny3.onnx"))).await.unwrap();
     let mut client = GrpcInferenceServiceClient::connect(format!("http://{}", handle.addr)).await.unwrap();
     assert!(client.server_ready(ServerReadyRequest {}).await.unwrap().into_inner().ready);
-    let meta = client.model_metadata(ModelMetadataRequest { name: "tiny3".into(), version: String::new() }).await.unwrap();
+    let meta =
+        client.model_metadata(ModelMetadataRequest { name: "tiny3".into(), version: String::new() }).await.unwrap();
     assert_eq!(meta.get_ref().inputs[0].shape, vec![-1, 1, 4, 4]);
-    assert_eq!(meta.get_ref().outputs.iter().map(|o| o.name.as_str()).collect::<Vec<_>>(), ["label", "exit", "entropy", "probability"]);
+    assert_eq!(
+        meta.get_ref().outputs.iter().map(|o| o.name.as_str()).collect::<Vec<_>>(),
+        ["label", "exit", "entropy", "probability"]
+    );
 
     let model = Model::load(&fixture("tiny3.onnx")).unwrap();
     let x = inputs(24, 9);
@@ -140,7 +144,9 @@ async fn bad_requests_get_a_clear_status_and_the_server_keeps_serving() {
     assert!(s.message().contains("needs 128 bytes, found 60"), "{}", s.message());
 
     // A shape that is not the model's, and a cut tensor of the wrong shape.
-    let s = status(client.model_infer(request("tiny3", &Tensor::new(vec![2, 1, 2, 8], x.data.clone()).unwrap(), &[])).await);
+    let s = status(
+        client.model_infer(request("tiny3", &Tensor::new(vec![2, 1, 2, 8], x.data.clone()).unwrap(), &[])).await,
+    );
     assert_eq!(s.code(), Code::InvalidArgument);
     assert!(s.message().contains("an image batch of model tiny3 is [N, 1, 4, 4]"), "{}", s.message());
     let s = status(client.model_infer(request("tiny3", &x, &[(PARAM_CUT, "E1")])).await);
@@ -159,7 +165,8 @@ async fn bad_requests_get_a_clear_status_and_the_server_keeps_serving() {
     assert!(s.message().contains("1 to 32 samples"), "{}", s.message());
 
     // Garbage instead of a protobuf message, on the raw HTTP/2 channel.
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", handle.addr)).unwrap().connect().await.unwrap();
+    let channel =
+        tonic::transport::Channel::from_shared(format!("http://{}", handle.addr)).unwrap().connect().await.unwrap();
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.unwrap();
     let path = http::uri::PathAndQuery::from_static("/inference.GRPCInferenceService/ModelInfer");

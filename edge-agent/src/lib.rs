@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use clap::{Parser, Subcommand, ValueEnum};
 use classynet_proto::control::control_client::ControlClient;
 use classynet_proto::control::{GetPartitionRequest, WatchPolicyRequest};
 use classynet_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
@@ -31,9 +32,10 @@ use classynet_runtime::report::RunReport;
 use classynet_runtime::runner::{BatchOutcome, SampleResult, SegmentedRunner};
 use classynet_runtime::worker::Worker;
 use classynet_serving::batcher::{BatchConfig, Batcher, Finisher, Origin, Served};
-use classynet_serving::codec::{self, string_param, Payload, WireDtype, PARAM_CUT, PARAM_FINGERPRINT, PARAM_POLICY_VERSION};
+use classynet_serving::codec::{
+    self, string_param, Payload, WireDtype, PARAM_CUT, PARAM_FINGERPRINT, PARAM_POLICY_VERSION,
+};
 use classynet_serving::{ServeError, ServeResult};
-use clap::{Parser, Subcommand, ValueEnum};
 use prost::Message;
 use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
@@ -159,9 +161,10 @@ impl CloudLink {
     fn failed(&self) {
         let mut b = self.backoff.lock().expect("lock");
         // Full jitter keeps many edges from retrying in step after a cloud restart.
-        let jitter = (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos()
-            % 1000) as f64
-            / 1000.0;
+        let jitter =
+            (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos()
+                % 1000) as f64
+                / 1000.0;
         let wait = b.mul_f64(0.5 + 0.5 * jitter);
         *self.down_until.lock().expect("lock") = Some(Instant::now() + wait);
         *b = (*b * 2).min(BACKOFF_MAX);
@@ -271,7 +274,8 @@ impl Edge {
         let worker = Arc::new(worker);
         let client = match &config.server {
             Some(s) if k < m => {
-                let ep = Endpoint::from_shared(endpoint(s))?.connect_timeout(Duration::from_millis(config.cloud_timeout_ms));
+                let ep =
+                    Endpoint::from_shared(endpoint(s))?.connect_timeout(Duration::from_millis(config.cloud_timeout_ms));
                 Some(GrpcInferenceServiceClient::new(ep.connect_lazy()).max_decoding_message_size(usize::MAX))
             }
             _ => None,
@@ -383,7 +387,13 @@ async fn watch_policy(weak: std::sync::Weak<Edge>) {
 }
 
 /// The batch-level finisher: one ModelInfer for all survivors of a batch.
-fn forwarder(link: Arc<CloudLink>, stats: Arc<Stats>, k: usize, fingerprint: String, version: Arc<AtomicU64>) -> Finisher {
+fn forwarder(
+    link: Arc<CloudLink>,
+    stats: Arc<Stats>,
+    k: usize,
+    fingerprint: String,
+    version: Arc<AtomicU64>,
+) -> Finisher {
     Arc::new(move |mut outcome: BatchOutcome| {
         let (link, stats, fingerprint, version) = (link.clone(), stats.clone(), fingerprint.clone(), version.clone());
         Box::pin(async move {
@@ -446,7 +456,12 @@ fn forwarder(link: Arc<CloudLink>, stats: Arc<Stats>, k: usize, fingerprint: Str
                         outcome.results[row] = if label < 0 || exit < 0 {
                             SampleResult::Failed("the cloud could not answer this sample".into())
                         } else {
-                            SampleResult::Answered(Answer { class: label as u32, exit: exit as usize, entropy, probability })
+                            SampleResult::Answered(Answer {
+                                class: label as u32,
+                                exit: exit as usize,
+                                entropy,
+                                probability,
+                            })
                         };
                         origin[row] = Origin::Remote;
                     }
@@ -494,28 +509,45 @@ impl GrpcInferenceService for LocalApi {
     async fn model_ready(&self, r: Request<ModelReadyRequest>) -> Result<Response<ModelReadyResponse>, Status> {
         Ok(Response::new(ModelReadyResponse { ready: r.get_ref().name == self.0.head.name() }))
     }
-    async fn server_metadata(&self, _: Request<ServerMetadataRequest>) -> Result<Response<ServerMetadataResponse>, Status> {
+    async fn server_metadata(
+        &self,
+        _: Request<ServerMetadataRequest>,
+    ) -> Result<Response<ServerMetadataResponse>, Status> {
         Ok(Response::new(ServerMetadataResponse {
             name: "classynet-edge-agent".into(),
             version: env!("CARGO_PKG_VERSION").into(),
             extensions: vec!["classynet_split".into()],
         }))
     }
-    async fn model_metadata(&self, r: Request<ModelMetadataRequest>) -> Result<Response<ModelMetadataResponse>, Status> {
+    async fn model_metadata(
+        &self,
+        r: Request<ModelMetadataRequest>,
+    ) -> Result<Response<ModelMetadataResponse>, Status> {
         use classynet_proto::inference::model_metadata_response::TensorMetadata;
         let e = &self.0;
         if r.get_ref().name != e.head.name() {
-            return Err(ServeError::NotFound(format!("model {:?} is not served here (this edge serves {:?})", r.get_ref().name, e.head.name())).into());
+            return Err(ServeError::NotFound(format!(
+                "model {:?} is not served here (this edge serves {:?})",
+                r.get_ref().name,
+                e.head.name()
+            ))
+            .into());
         }
         let mut shape = vec![-1i64];
         shape.extend(e.head.meta.input.shape.iter().map(|&d| d as i64));
-        let t = |name: &str, dt: &str, shape: Vec<i64>| TensorMetadata { name: name.into(), datatype: dt.into(), shape };
+        let t =
+            |name: &str, dt: &str, shape: Vec<i64>| TensorMetadata { name: name.into(), datatype: dt.into(), shape };
         Ok(Response::new(ModelMetadataResponse {
             name: e.head.name().into(),
             versions: vec![],
             platform: "onnxruntime_onnx".into(),
             inputs: vec![t("input", "FP32", shape)],
-            outputs: vec![t("label", "INT64", vec![-1]), t("exit", "INT32", vec![-1]), t("entropy", "FP32", vec![-1]), t("probability", "FP32", vec![-1])],
+            outputs: vec![
+                t("label", "INT64", vec![-1]),
+                t("exit", "INT32", vec![-1]),
+                t("entropy", "FP32", vec![-1]),
+                t("probability", "FP32", vec![-1]),
+            ],
         }))
     }
     async fn model_infer(&self, r: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
@@ -523,10 +555,17 @@ impl GrpcInferenceService for LocalApi {
         let req = r.into_inner();
         let run = async {
             if !req.model_name.is_empty() && req.model_name != e.head.name() {
-                return Err(ServeError::NotFound(format!("model {:?} is not served here (this edge serves {:?})", req.model_name, e.head.name())));
+                return Err(ServeError::NotFound(format!(
+                    "model {:?} is not served here (this edge serves {:?})",
+                    req.model_name,
+                    e.head.name()
+                )));
             }
             let [input] = req.inputs.as_slice() else {
-                return Err(ServeError::InvalidArgument(format!("expected exactly one input tensor, found {}", req.inputs.len())));
+                return Err(ServeError::InvalidArgument(format!(
+                    "expected exactly one input tensor, found {}",
+                    req.inputs.len()
+                )));
             };
             let (mut t, payload) = codec::decode_input(input, req.raw_input_contents.first())?;
             if payload == Payload::Pixels {
@@ -534,8 +573,13 @@ impl GrpcInferenceService for LocalApi {
             }
             let served = e.infer(t).await?;
             let mut resp = codec::answers_response(e.head.name(), &req.id, &served.outcome.results, e.policy_version());
-            let degraded: Vec<String> =
-                served.origin.iter().enumerate().filter(|(_, o)| **o == Origin::Degraded).map(|(i, _)| i.to_string()).collect();
+            let degraded: Vec<String> = served
+                .origin
+                .iter()
+                .enumerate()
+                .filter(|(_, o)| **o == Origin::Degraded)
+                .map(|(i, _)| i.to_string())
+                .collect();
             if !degraded.is_empty() {
                 resp.parameters.insert("classynet_degraded".into(), string_param(degraded.join(",")));
             }
@@ -582,8 +626,9 @@ async fn serve(edge: Arc<Edge>, listen: &str) -> anyhow::Result<Handle> {
                 // No Nagle: a batch's reply must not wait for a delayed ACK (40 ms on Linux).
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
                 async {
-                let _ = rx.await;
-            }),
+                    let _ = rx.await;
+                },
+            ),
     );
     tracing::info!(%addr, partition = edge.k, "edge-agent ready");
     Ok(Handle { addr, edge, shutdown: Some(tx), task })

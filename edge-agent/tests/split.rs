@@ -56,9 +56,13 @@ fn edge_config(model: Option<PathBuf>, partition: &str, server: String) -> Confi
 /// What `classynet run` answers for the same samples and policy.
 fn local(model: &Model, policy: &Policy) -> Vec<(u32, usize)> {
     init_ort(None, 1).unwrap();
-    let ds = open_dataset(&DataArgs { dataset: "fashion-mnist:test".into(), data_dir: None, limit: Some(SAMPLES), batch: 64 }, model)
-        .unwrap();
-    let mut r = SegmentedRunner::new(OrtBackend::new(model, SessionOptions::default()).unwrap(), 0, policy, None).unwrap();
+    let ds = open_dataset(
+        &DataArgs { dataset: "fashion-mnist:test".into(), data_dir: None, limit: Some(SAMPLES), batch: 64 },
+        model,
+    )
+    .unwrap();
+    let mut r =
+        SegmentedRunner::new(OrtBackend::new(model, SessionOptions::default()).unwrap(), 0, policy, None).unwrap();
     let mut out = Vec::new();
     for f in (0..ds.len()).step_by(64) {
         for s in r.run(make_batch(&ds, model, f..(f + 64).min(ds.len()))).unwrap().results {
@@ -141,7 +145,11 @@ async fn a_policy_change_on_the_cloud_reaches_the_edge_within_a_second() {
     assert!(before.answers.iter().any(|a| a.unwrap().1 == 0), "E1 answers some samples by default");
 
     // Disable E1 and restrict E2 to Bag (8): the edge now answers only bags, at E2.
-    std::fs::write(&policy, "version = 2\n[[exits]]\nname = \"E1\"\ndisabled = true\n[[exits]]\nname = \"E2\"\nclasses = [8]\n").unwrap();
+    std::fs::write(
+        &policy,
+        "version = 2\n[[exits]]\nname = \"E1\"\ndisabled = true\n[[exits]]\nname = \"E2\"\nclasses = [8]\n",
+    )
+    .unwrap();
     let took = wait_for(2).await;
     let after = classify(&edge, "fashion-mnist:test", None, Some(300), 32).await.unwrap();
     assert!(after.answers.iter().all(|a| a.unwrap().1 != 0), "E1 is disabled");
@@ -199,11 +207,18 @@ async fn a_v2_client_uses_the_edge() {
     let edge = edge_agent::start(edge_config(Some(path.clone()), "E1", cloud.addr.to_string())).await.unwrap();
     let mut client = GrpcInferenceServiceClient::connect(format!("http://{}", edge.addr)).await.unwrap();
     assert!(client.server_ready(ServerReadyRequest {}).await.unwrap().into_inner().ready);
-    let meta = client.model_metadata(ModelMetadataRequest { name: "tiny-3exit-cn".into(), version: String::new() }).await.unwrap();
+    let meta = client
+        .model_metadata(ModelMetadataRequest { name: "tiny-3exit-cn".into(), version: String::new() })
+        .await
+        .unwrap();
     assert_eq!(meta.get_ref().inputs[0].shape, vec![-1, 1, 28, 28]);
     // Raw UINT8 pixels straight from the dataset: the edge normalises them.
     let model = Model::load(&path).unwrap();
-    let ds = open_dataset(&DataArgs { dataset: "fashion-mnist:test".into(), data_dir: None, limit: Some(8), batch: 8 }, &model).unwrap();
+    let ds = open_dataset(
+        &DataArgs { dataset: "fashion-mnist:test".into(), data_dir: None, limit: Some(8), batch: 8 },
+        &model,
+    )
+    .unwrap();
     let pixels: Vec<u8> = match &ds.pixels {
         classynet_runtime::dataset::Pixels::U8(p) => p[..8 * 784].to_vec(),
         _ => unreachable!("Fashion-MNIST pixels are bytes"),
@@ -220,7 +235,8 @@ async fn a_v2_client_uses_the_edge() {
         ..Default::default()
     };
     let resp = client.model_infer(req).await.unwrap().into_inner();
-    let got: Vec<(u32, usize)> = codec::read_answers(&resp).unwrap().iter().map(|a| (a.0 as u32, a.1 as usize)).collect();
+    let got: Vec<(u32, usize)> =
+        codec::read_answers(&resp).unwrap().iter().map(|a| (a.0 as u32, a.1 as usize)).collect();
     let want = local(&model, &Policy::defaults(&model.meta));
     assert_eq!(got, want[..8].to_vec());
     edge.stop().await;

@@ -21,10 +21,7 @@ impl Tensor {
     pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Result<Tensor> {
         let want: usize = shape.iter().product();
         if want != data.len() {
-            return Err(Error::Input(format!(
-                "tensor of shape {shape:?} needs {want} values, found {}",
-                data.len()
-            )));
+            return Err(Error::Input(format!("tensor of shape {shape:?} needs {want} values, found {}", data.len())));
         }
         Ok(Tensor { shape, data })
     }

@@ -320,7 +320,11 @@ fn plan_cmd(a: &PlanArgs) -> Result<()> {
             "part", "params", "weights", "activations", "total", "paper(p×4×B)"
         );
         for c in &costs {
-            let approx = if c.unknown_shapes > 0 { format!("≥{}", human(c.activation_bytes)) } else { human(c.activation_bytes) };
+            let approx = if c.unknown_shapes > 0 {
+                format!("≥{}", human(c.activation_bytes))
+            } else {
+                human(c.activation_bytes)
+            };
             println!(
                 "{:<4} {:>10} {:>11} {:>14} {:>11} {:>14}",
                 c.name,
@@ -505,7 +509,12 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 
 fn verify_cmd(a: &VerifyArgs, opts: SessionOptions) -> Result<std::process::ExitCode> {
     let m = a.model.load()?;
-    let mut data = DataArgs { dataset: a.data.dataset.clone(), data_dir: a.data.data_dir.clone(), limit: a.data.limit.or(Some(256)), batch: a.data.batch };
+    let mut data = DataArgs {
+        dataset: a.data.dataset.clone(),
+        data_dir: a.data.data_dir.clone(),
+        limit: a.data.limit.or(Some(256)),
+        batch: a.data.batch,
+    };
     if data.batch == 16 {
         data.batch = 64;
     }
@@ -519,7 +528,12 @@ fn verify_cmd(a: &VerifyArgs, opts: SessionOptions) -> Result<std::process::Exit
     let logit_names: Vec<&str> = m.meta.exits.iter().map(|e| e.logits.as_str()).collect();
     let order: Vec<usize> = logit_names
         .iter()
-        .map(|n| full.output_names().iter().position(|o| o == n).expect("every exit's logits are a graph output (checked at load)"))
+        .map(|n| {
+            full.output_names()
+                .iter()
+                .position(|o| o == n)
+                .expect("every exit's logits are a graph output (checked at load)")
+        })
         .collect();
     let reference: Vec<Vec<Tensor>> = batches
         .iter()
@@ -531,7 +545,10 @@ fn verify_cmd(a: &VerifyArgs, opts: SessionOptions) -> Result<std::process::Exit
         let head = extract_side(&m, &segs, &Side::parse(&format!("E{k}"), PartitionRole::Head, exits)?)?;
         let mut head = OrtGraph::new(&head, opts)?;
         let mut tail = if k < exits {
-            Some(OrtGraph::new(&extract_side(&m, &segs, &Side::parse(&format!("E{k}"), PartitionRole::Tail, exits)?)?, opts)?)
+            Some(OrtGraph::new(
+                &extract_side(&m, &segs, &Side::parse(&format!("E{k}"), PartitionRole::Tail, exits)?)?,
+                opts,
+            )?)
         } else {
             None
         };
@@ -561,10 +578,14 @@ fn verify_cmd(a: &VerifyArgs, opts: SessionOptions) -> Result<std::process::Exit
     } else {
         println!("model {} · {} samples of {} · tolerance {:e}", m.name(), ds.len(), ds.name, a.tolerance);
         for (k, h, t, p) in &report {
-            let tail = if *k < exits { format!("tail E{}..E{exits} max |Δ| {t:.2e}", k + 1) } else { "no tail".into() };
+            let tail =
+                if *k < exits { format!("tail E{}..E{exits} max |Δ| {t:.2e}", k + 1) } else { "no tail".into() };
             println!("E{k}: head E1..E{k} max |Δ| {h:.2e} · {tail} · {}", if *p { "ok" } else { "MISMATCH" });
         }
-        println!("{}", if ok { "every partition matches the full model" } else { "some partitions differ from the full model" });
+        println!(
+            "{}",
+            if ok { "every partition matches the full model" } else { "some partitions differ from the full model" }
+        );
     }
     Ok(if ok { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::FAILURE })
 }

@@ -104,9 +104,7 @@ impl Dataset {
         } else if spec.ends_with(".npz") {
             read_npz(spec, Path::new(spec))
         } else {
-            Err(Error::Dataset(format!(
-                "unknown dataset '{spec}'; expected one of: {ACCEPTED_SPECS}"
-            )))
+            Err(Error::Dataset(format!("unknown dataset '{spec}'; expected one of: {ACCEPTED_SPECS}")))
         }
     }
 
@@ -135,11 +133,7 @@ impl Dataset {
     #[must_use]
     pub fn select(&self, indices: &[usize]) -> Dataset {
         fn gather<T: Copy>(values: &[T], n: usize, indices: &[usize]) -> Vec<T> {
-            indices
-                .iter()
-                .flat_map(|&i| &values[i * n..(i + 1) * n])
-                .copied()
-                .collect()
+            indices.iter().flat_map(|&i| &values[i * n..(i + 1) * n]).copied().collect()
         }
         let n = self.sample_len();
         let pixels = match &self.pixels {
@@ -167,22 +161,10 @@ impl Dataset {
     /// If `i` is not below [`len`](Self::len), `out` is not [`sample_len`](Self::sample_len)
     /// long, or mean/std have neither 1 nor C entries: these are caller errors (the model's
     /// preprocessing metadata is validated where it is loaded), not properties of the file.
-    pub fn write_normalised(
-        &self,
-        i: usize,
-        scale: f32,
-        mean: &[f32],
-        std: &[f32],
-        out: &mut [f32],
-    ) {
+    pub fn write_normalised(&self, i: usize, scale: f32, mean: &[f32], std: &[f32], out: &mut [f32]) {
         let n = self.sample_len();
         let [channels, height, width] = self.shape;
-        assert!(
-            i < self.len(),
-            "sample {i} out of range: {} has {} samples",
-            self.name,
-            self.len()
-        );
+        assert!(i < self.len(), "sample {i} out of range: {} has {} samples", self.name, self.len());
         assert_eq!(out.len(), n, "output buffer length must equal sample_len()");
         for (what, values) in [("mean", mean), ("std", std)] {
             assert!(
@@ -239,14 +221,9 @@ fn read_maybe_gzip(path: &Path) -> Result<Vec<u8>> {
         return Ok(raw);
     }
     let mut out = Vec::new();
-    flate2::read::MultiGzDecoder::new(raw.as_slice())
-        .read_to_end(&mut out)
-        .map_err(|e| {
-            file_error(
-                path,
-                format!("expected valid gzip data, found a corrupt or truncated stream ({e})"),
-            )
-        })?;
+    flate2::read::MultiGzDecoder::new(raw.as_slice()).read_to_end(&mut out).map_err(|e| {
+        file_error(path, format!("expected valid gzip data, found a corrupt or truncated stream ({e})"))
+    })?;
     Ok(out)
 }
 
@@ -273,11 +250,8 @@ fn open_fashion_mnist(spec: &str, split: &str, data_dir: Option<&Path>) -> Resul
     let dir = data_dir.unwrap_or(Path::new(FASHION_MNIST_DIR));
     let images = dir.join(format!("{prefix}-images-idx3-ubyte.gz"));
     let labels = dir.join(format!("{prefix}-labels-idx1-ubyte.gz"));
-    let missing: Vec<String> = [&images, &labels]
-        .into_iter()
-        .filter(|p| !p.is_file())
-        .map(|p| p.display().to_string())
-        .collect();
+    let missing: Vec<String> =
+        [&images, &labels].into_iter().filter(|p| !p.is_file()).map(|p| p.display().to_string()).collect();
     if !missing.is_empty() {
         let found = if dir.is_dir() {
             format!("missing {}", missing.join(" and "))
@@ -308,20 +282,13 @@ fn read_idx(path: &Path) -> Result<Idx> {
 /// then exactly the product of the dimensions in bytes.
 fn parse_idx(mut bytes: Vec<u8>) -> Result<Idx, String> {
     let Some(&[z0, z1, kind, ndims]) = bytes.first_chunk::<4>() else {
-        return Err(format!(
-            "expected an IDX header (magic 00 00 08 NDIMS), found a {}-byte file",
-            bytes.len()
-        ));
+        return Err(format!("expected an IDX header (magic 00 00 08 NDIMS), found a {}-byte file", bytes.len()));
     };
     if [z0, z1] != [0, 0] {
-        return Err(format!(
-            "expected IDX magic 00 00 08 NDIMS, found {z0:02x} {z1:02x} {kind:02x} {ndims:02x}"
-        ));
+        return Err(format!("expected IDX magic 00 00 08 NDIMS, found {z0:02x} {z1:02x} {kind:02x} {ndims:02x}"));
     }
     if kind != 0x08 {
-        return Err(format!(
-            "expected IDX data type 0x08 (unsigned byte), found 0x{kind:02x}"
-        ));
+        return Err(format!("expected IDX data type 0x08 (unsigned byte), found 0x{kind:02x}"));
     }
     let header = 4 + 4 * usize::from(ndims);
     if bytes.len() < header {
@@ -330,19 +297,12 @@ fn parse_idx(mut bytes: Vec<u8>) -> Result<Idx, String> {
             bytes.len()
         ));
     }
-    let dims: Vec<usize> = bytes[4..header]
-        .chunks_exact(4)
-        .map(|d| u32::from_be_bytes([d[0], d[1], d[2], d[3]]) as usize)
-        .collect();
-    let expected = element_count(&dims)
-        .ok_or_else(|| format!("IDX dimensions {} are too large", dims_text(&dims)))?;
+    let dims: Vec<usize> =
+        bytes[4..header].chunks_exact(4).map(|d| u32::from_be_bytes([d[0], d[1], d[2], d[3]]) as usize).collect();
+    let expected = element_count(&dims).ok_or_else(|| format!("IDX dimensions {} are too large", dims_text(&dims)))?;
     let found = bytes.len() - header;
     if found != expected {
-        let why = if found < expected {
-            "the file is truncated"
-        } else {
-            "trailing bytes after the data"
-        };
+        let why = if found < expected { "the file is truncated" } else { "trailing bytes after the data" };
         return Err(format!(
             "expected {expected} bytes of data for IDX dimensions {}, found {found} ({why})",
             dims_text(&dims)
@@ -396,9 +356,7 @@ fn open_cifar10(spec: &str, rest: &str, data_dir: Option<&Path>) -> Result<Datas
         "test" => vec!["test_batch.bin".to_string()],
         "train" => (1..=5).map(|i| format!("data_batch_{i}.bin")).collect(),
         "" => {
-            return Err(Error::Dataset(format!(
-                "'{spec}': expected cifar10:test, cifar10:train or cifar10:FILE.bin"
-            )))
+            return Err(Error::Dataset(format!("'{spec}': expected cifar10:test, cifar10:train or cifar10:FILE.bin")))
         }
         path => return read_cifar_files(spec, &[PathBuf::from(path)]),
     };
@@ -410,11 +368,7 @@ fn open_cifar10(spec: &str, rest: &str, data_dir: Option<&Path>) -> Result<Datas
     })?;
     // Accept both the directory itself and the directory the official tarball was extracted in.
     let nested = dir.join(CIFAR_TARBALL_DIR);
-    let dir = if !dir.join(&names[0]).exists() && nested.join(&names[0]).exists() {
-        &nested
-    } else {
-        dir
-    };
+    let dir = if !dir.join(&names[0]).exists() && nested.join(&names[0]).exists() { &nested } else { dir };
     let files: Vec<PathBuf> = names.iter().map(|n| dir.join(n)).collect();
     read_cifar_files(spec, &files)
 }
@@ -443,21 +397,13 @@ fn read_cifar_files(name: &str, files: &[PathBuf]) -> Result<Dataset> {
             pixels.extend_from_slice(&record[1..]);
         }
     }
-    Ok(Dataset {
-        name: name.to_string(),
-        shape: CIFAR_SHAPE,
-        pixels: Pixels::U8(pixels),
-        labels,
-    })
+    Ok(Dataset { name: name.to_string(), shape: CIFAR_SHAPE, pixels: Pixels::U8(pixels), labels })
 }
 
 fn read_npz(name: &str, path: &Path) -> Result<Dataset> {
     let file = fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let mut archive = zip::ZipArchive::new(BufReader::new(file)).map_err(|e| {
-        file_error(
-            path,
-            format!("expected a numpy .npz (zip) archive, but it cannot be read as one ({e})"),
-        )
+        file_error(path, format!("expected a numpy .npz (zip) archive, but it cannot be read as one ({e})"))
     })?;
     let x = read_npz_member(path, &mut archive, "x")?;
     let y = read_npz_member(path, &mut archive, "y")?;
@@ -467,47 +413,26 @@ fn read_npz(name: &str, path: &Path) -> Result<Dataset> {
     if labels.len() != n {
         return Err(file_error(
             path,
-            format!(
-                "'y' has {} labels but 'x' has {n} images; expected one label per image",
-                labels.len()
-            ),
+            format!("'y' has {} labels but 'x' has {n} images; expected one label per image", labels.len()),
         ));
     }
-    Ok(Dataset {
-        name: name.to_string(),
-        shape,
-        pixels,
-        labels,
-    })
+    Ok(Dataset { name: name.to_string(), shape, pixels, labels })
 }
 
 /// Reads array `name` (member `name.npy`, as np.savez writes it, or a bare `name`).
-fn read_npz_member<R: Read + std::io::Seek>(
-    path: &Path,
-    archive: &mut zip::ZipArchive<R>,
-    name: &str,
-) -> Result<Npy> {
+fn read_npz_member<R: Read + std::io::Seek>(path: &Path, archive: &mut zip::ZipArchive<R>, name: &str) -> Result<Npy> {
     let member = format!("{name}.npy");
-    let Some(index) = archive
-        .index_for_name(&member)
-        .or_else(|| archive.index_for_name(name))
-    else {
+    let Some(index) = archive.index_for_name(&member).or_else(|| archive.index_for_name(name)) else {
         let found: Vec<&str> = archive.file_names().collect();
         return Err(file_error(
             path,
-            format!(
-                "expected an array named '{name}' (member {member}), found members [{}]",
-                found.join(", ")
-            ),
+            format!("expected an array named '{name}' (member {member}), found members [{}]", found.join(", ")),
         ));
     };
     let mut bytes = Vec::new();
     archive
         .by_index(index)
-        .and_then(|mut f| {
-            f.read_to_end(&mut bytes)
-                .map_err(zip::result::ZipError::from)
-        })
+        .and_then(|mut f| f.read_to_end(&mut bytes).map_err(zip::result::ZipError::from))
         .map_err(|e| file_error(path, format!("cannot read member {member}: {e}")))?;
     parse_npy(bytes).map_err(|m| file_error(path, format!("array '{name}': {m}")))
 }
@@ -539,11 +464,7 @@ impl Dtype {
                      ('|') arrays are supported (convert with a.astype(a.dtype.newbyteorder('<')))"
                 ))
             }
-            _ => {
-                return Err(format!(
-                    "expected a dtype starting with '<' or '|', found '{descr}'"
-                ))
-            }
+            _ => return Err(format!("expected a dtype starting with '<' or '|', found '{descr}'")),
         }
         Ok(match chars.as_str() {
             "u1" => Dtype::U8,
@@ -599,34 +520,20 @@ fn parse_npy(mut bytes: Vec<u8>) -> Result<Npy, String> {
     const MAGIC: &[u8] = b"\x93NUMPY";
     if !bytes.starts_with(MAGIC) {
         let head = &bytes[..bytes.len().min(MAGIC.len())];
-        return Err(format!(
-            "expected the .npy magic 93 4e 55 4d 50 59 (\\x93NUMPY), found {head:02x?}"
-        ));
+        return Err(format!("expected the .npy magic 93 4e 55 4d 50 59 (\\x93NUMPY), found {head:02x?}"));
     }
     let (Some(&major), Some(&minor)) = (bytes.get(6), bytes.get(7)) else {
-        return Err(format!(
-            "expected a .npy version after the magic, found a {}-byte file",
-            bytes.len()
-        ));
+        return Err(format!("expected a .npy version after the magic, found a {}-byte file", bytes.len()));
     };
     let header_start = match major {
         1 => 10,
         2 | 3 => 12,
-        _ => {
-            return Err(format!(
-                "unsupported .npy version {major}.{minor}; expected 1.0, 2.0 or 3.0"
-            ))
-        }
+        _ => return Err(format!("unsupported .npy version {major}.{minor}; expected 1.0, 2.0 or 3.0")),
     };
     let header_len = match bytes.get(8..header_start) {
         Some(&[a, b]) => usize::from(u16::from_le_bytes([a, b])),
         Some(&[a, b, c, d]) => u32::from_le_bytes([a, b, c, d]) as usize,
-        _ => {
-            return Err(format!(
-                "expected a .npy header length, found a {}-byte file",
-                bytes.len()
-            ))
-        }
+        _ => return Err(format!("expected a .npy header length, found a {}-byte file", bytes.len())),
     };
     let header_end = header_start.saturating_add(header_len);
     let Some(header) = bytes.get(header_start..header_end) else {
@@ -635,8 +542,8 @@ fn parse_npy(mut bytes: Vec<u8>) -> Result<Npy, String> {
             bytes.len().saturating_sub(header_start)
         ));
     };
-    let header = std::str::from_utf8(header)
-        .map_err(|_| "expected a text .npy header, found non-UTF-8 bytes".to_string())?;
+    let header =
+        std::str::from_utf8(header).map_err(|_| "expected a text .npy header, found non-UTF-8 bytes".to_string())?;
     let (dtype, shape) = parse_npy_header(header)?;
     let expected = element_count(&shape)
         .and_then(|n| n.checked_mul(dtype.size()))
@@ -649,18 +556,12 @@ fn parse_npy(mut bytes: Vec<u8>) -> Result<Npy, String> {
         ));
     }
     bytes.drain(..header_end);
-    Ok(Npy {
-        dtype,
-        shape,
-        data: bytes,
-    })
+    Ok(Npy { dtype, shape, data: bytes })
 }
 
 /// Reads the dtype and shape from the header dict; rejects Fortran order and structured dtypes.
 fn parse_npy_header(header: &str) -> Result<(Dtype, Vec<usize>), String> {
-    let entries = PyLiteral::new(header)
-        .dict()
-        .map_err(|m| format!("malformed .npy header {header:?}: {m}"))?;
+    let entries = PyLiteral::new(header).dict().map_err(|m| format!("malformed .npy header {header:?}: {m}"))?;
     let get = |key: &str| {
         entries
             .iter()
@@ -670,35 +571,21 @@ fn parse_npy_header(header: &str) -> Result<(Dtype, Vec<usize>), String> {
     };
     let dtype = match get("descr")? {
         PyValue::Str(descr) => Dtype::parse(descr)?,
-        _ => return Err(
-            "structured dtypes are not supported; expected a plain dtype such as '<f4' or '|u1'"
-                .into(),
-        ),
+        _ => return Err("structured dtypes are not supported; expected a plain dtype such as '<f4' or '|u1'".into()),
     };
     match get("fortran_order")? {
         PyValue::Bool(false) => {}
         PyValue::Bool(true) => {
-            return Err(
-                "fortran_order is True; expected a C-order array (save np.ascontiguousarray(a))"
-                    .into(),
-            )
+            return Err("fortran_order is True; expected a C-order array (save np.ascontiguousarray(a))".into())
         }
-        other => {
-            return Err(format!(
-                "expected fortran_order True or False, found {other:?}"
-            ))
-        }
+        other => return Err(format!("expected fortran_order True or False, found {other:?}")),
     }
     let shape = match get("shape")? {
         PyValue::Seq(dims) => dims
             .iter()
             .map(|d| match d {
-                PyValue::Int(v) => {
-                    usize::try_from(*v).map_err(|_| format!("dimension {v} is too large"))
-                }
-                other => Err(format!(
-                    "expected integer dimensions in 'shape', found {other:?}"
-                )),
+                PyValue::Int(v) => usize::try_from(*v).map_err(|_| format!("dimension {v} is too large")),
+                other => Err(format!("expected integer dimensions in 'shape', found {other:?}")),
             })
             .collect::<Result<Vec<usize>, String>>()?,
         other => return Err(format!("expected a tuple for 'shape', found {other:?}")),
@@ -723,17 +610,8 @@ fn npz_images(x: Npy) -> Result<([usize; 3], Pixels), String> {
         Dtype::U8 => Pixels::U8(x.data),
         Dtype::F32 => Pixels::F32(words(&x.data).map(f32::from_le_bytes).collect()),
         // float64 pixels are narrowed: model inputs are float32 anyway.
-        Dtype::F64 => Pixels::F32(
-            words(&x.data)
-                .map(|b| f64::from_le_bytes(b) as f32)
-                .collect(),
-        ),
-        other => {
-            return Err(format!(
-                "expected dtype uint8, float32 or float64, found {}",
-                other.numpy_name()
-            ))
-        }
+        Dtype::F64 => Pixels::F32(words(&x.data).map(|b| f64::from_le_bytes(b) as f32).collect()),
+        other => return Err(format!("expected dtype uint8, float32 or float64, found {}", other.numpy_name())),
     };
     Ok((shape, pixels))
 }
@@ -742,10 +620,7 @@ fn npz_images(x: Npy) -> Result<([usize; 3], Pixels), String> {
 fn npz_labels(y: &Npy) -> Result<Vec<i64>, String> {
     const INTEGER_DTYPES: &str = "uint8, int8, uint16, int16, uint32, int32, int64";
     if !matches!(*y.shape.as_slice(), [_] | [_, 1]) {
-        return Err(format!(
-            "expected a 1-dimensional label array (N or N x 1), found shape {:?}",
-            y.shape
-        ));
+        return Err(format!("expected a 1-dimensional label array (N or N x 1), found shape {:?}", y.shape));
     }
     let d = &y.data;
     Ok(match y.dtype {
@@ -756,12 +631,7 @@ fn npz_labels(y: &Npy) -> Result<Vec<i64>, String> {
         Dtype::U32 => words(d).map(|b| i64::from(u32::from_le_bytes(b))).collect(),
         Dtype::I32 => words(d).map(|b| i64::from(i32::from_le_bytes(b))).collect(),
         Dtype::I64 => words(d).map(i64::from_le_bytes).collect(),
-        other => {
-            return Err(format!(
-                "expected an integer dtype ({INTEGER_DTYPES}), found {}",
-                other.numpy_name()
-            ))
-        }
+        other => return Err(format!("expected an integer dtype ({INTEGER_DTYPES}), found {}", other.numpy_name())),
     })
 }
 
@@ -794,10 +664,7 @@ struct PyLiteral<'a> {
 
 impl<'a> PyLiteral<'a> {
     fn new(text: &'a str) -> Self {
-        PyLiteral {
-            text: text.as_bytes(),
-            pos: 0,
-        }
+        PyLiteral { text: text.as_bytes(), pos: 0 }
     }
 
     /// The next non-whitespace byte, without consuming it.
@@ -864,8 +731,7 @@ impl<'a> PyLiteral<'a> {
                     .position(|&c| c == quote)
                     .ok_or_else(|| format!("unterminated string at byte {}", self.pos))?;
                 self.pos = start + len + 1;
-                let s = std::str::from_utf8(&self.text[start..start + len])
-                    .map_err(|e| e.to_string())?;
+                let s = std::str::from_utf8(&self.text[start..start + len]).map_err(|e| e.to_string())?;
                 Ok(PyValue::Str(s.to_string()))
             }
             Some(open @ (b'(' | b'[')) => {
@@ -886,11 +752,8 @@ impl<'a> PyLiteral<'a> {
                 while self.text.get(self.pos).is_some_and(u8::is_ascii_digit) {
                     self.pos += 1;
                 }
-                let digits =
-                    std::str::from_utf8(&self.text[start..self.pos]).map_err(|e| e.to_string())?;
-                let v = digits
-                    .parse()
-                    .map_err(|_| format!("integer {digits} is too large"))?;
+                let digits = std::str::from_utf8(&self.text[start..self.pos]).map_err(|e| e.to_string())?;
+                let v = digits.parse().map_err(|_| format!("integer {digits} is too large"))?;
                 if self.text.get(self.pos) == Some(&b'L') {
                     self.pos += 1;
                 }
@@ -898,21 +761,14 @@ impl<'a> PyLiteral<'a> {
             }
             Some(c) if c.is_ascii_alphabetic() => {
                 let start = self.pos;
-                while self
-                    .text
-                    .get(self.pos)
-                    .is_some_and(u8::is_ascii_alphanumeric)
-                {
+                while self.text.get(self.pos).is_some_and(u8::is_ascii_alphanumeric) {
                     self.pos += 1;
                 }
                 match &self.text[start..self.pos] {
                     b"True" => Ok(PyValue::Bool(true)),
                     b"False" => Ok(PyValue::Bool(false)),
                     b"None" => Ok(PyValue::None),
-                    other => Err(format!(
-                        "unexpected name '{}' at byte {start}",
-                        String::from_utf8_lossy(other)
-                    )),
+                    other => Err(format!("unexpected name '{}' at byte {start}", String::from_utf8_lossy(other))),
                 }
             }
             _ => Err(self.unexpected("a value")),
@@ -932,11 +788,7 @@ mod tests {
     }
 
     fn tiny_idx_spec() -> String {
-        format!(
-            "idx:{},{}",
-            data("tiny-images-idx3-ubyte.gz").display(),
-            data("tiny-labels-idx1-ubyte.gz").display()
-        )
+        format!("idx:{},{}", data("tiny-images-idx3-ubyte.gz").display(), data("tiny-labels-idx1-ubyte.gz").display())
     }
 
     fn u8_pixels(ds: &Dataset) -> &[u8] {
@@ -955,9 +807,7 @@ mod tests {
 
     fn gunzip(path: &Path) -> Vec<u8> {
         let mut out = Vec::new();
-        flate2::read::GzDecoder::new(fs::File::open(path).unwrap())
-            .read_to_end(&mut out)
-            .unwrap();
+        flate2::read::GzDecoder::new(fs::File::open(path).unwrap()).read_to_end(&mut out).unwrap();
         out
     }
 
@@ -986,8 +836,7 @@ mod tests {
     fn write_npz(path: &Path, members: &[(&str, Vec<u8>)]) {
         let mut zip = zip::ZipWriter::new(fs::File::create(path).unwrap());
         for (name, bytes) in members {
-            let options = zip::write::SimpleFileOptions::default()
-                .compression_method(zip::CompressionMethod::Stored);
+            let options = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
             zip.start_file(*name, options).unwrap();
             zip.write_all(bytes).unwrap();
         }
@@ -1015,11 +864,7 @@ mod tests {
         let labels = dir.path().join("labels.idx");
         fs::write(&images, gunzip(&data("tiny-images-idx3-ubyte.gz"))).unwrap();
         fs::write(&labels, gunzip(&data("tiny-labels-idx1-ubyte.gz"))).unwrap();
-        let raw = Dataset::open(
-            &format!("idx:{},{}", images.display(), labels.display()),
-            None,
-        )
-        .unwrap();
+        let raw = Dataset::open(&format!("idx:{},{}", images.display(), labels.display()), None).unwrap();
         let gz = Dataset::open(&tiny_idx_spec(), None).unwrap();
         assert_eq!(raw.pixels, gz.pixels);
         assert_eq!(raw.labels, gz.labels);
@@ -1043,8 +888,7 @@ mod tests {
     #[test]
     fn npz_deflated_nchw_u8_matches_idx() {
         let idx = Dataset::open(&tiny_idx_spec(), None).unwrap();
-        let ds =
-            Dataset::open(&format!("npz:{}", data("tiny-nchw-u8.npz").display()), None).unwrap();
+        let ds = Dataset::open(&format!("npz:{}", data("tiny-nchw-u8.npz").display()), None).unwrap();
         assert_eq!(ds.shape, [1, 4, 4]);
         assert_eq!(ds.labels, [0, 1, 2, 3, 2]);
         assert_eq!(u8_pixels(&ds), u8_pixels(&idx));
@@ -1057,30 +901,18 @@ mod tests {
         let header = "{'descr': '|u1', 'fortran_order': False, 'shape': (1, 2, 2), }";
         write_npz(&path, &[("x.npy", npy(header, &[1, 2, 3, 4]))]);
         let message = dataset_error(Dataset::open(&path.display().to_string(), None));
-        assert!(
-            message.contains("'y'") && message.contains("x.npy"),
-            "{message}"
-        );
+        assert!(message.contains("'y'") && message.contains("x.npy"), "{message}");
     }
 
     #[test]
     fn npz_label_count_mismatch_is_error() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("mismatch.npz");
-        let x = npy(
-            "{'descr': '|u1', 'fortran_order': False, 'shape': (2, 1, 2), }",
-            &[1, 2, 3, 4],
-        );
-        let y = npy(
-            "{'descr': '|u1', 'fortran_order': False, 'shape': (3,), }",
-            &[0, 1, 2],
-        );
+        let x = npy("{'descr': '|u1', 'fortran_order': False, 'shape': (2, 1, 2), }", &[1, 2, 3, 4]);
+        let y = npy("{'descr': '|u1', 'fortran_order': False, 'shape': (3,), }", &[0, 1, 2]);
         write_npz(&path, &[("x.npy", x), ("y.npy", y)]);
         let message = dataset_error(Dataset::open(&path.display().to_string(), None));
-        assert!(
-            message.contains("3 labels") && message.contains("2 images"),
-            "{message}"
-        );
+        assert!(message.contains("3 labels") && message.contains("2 images"), "{message}");
     }
 
     #[test]
@@ -1089,55 +921,29 @@ mod tests {
         let mut v2 = b"\x93NUMPY\x02\x00".to_vec();
         v2.extend_from_slice(&u32::try_from(header.len()).unwrap().to_le_bytes());
         v2.extend_from_slice(header.as_bytes());
-        v2.extend_from_slice(&[
-            7, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
-        ]);
+        v2.extend_from_slice(&[7, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]);
         let array = parse_npy(v2).unwrap();
         assert_eq!(array.dtype, Dtype::I64);
         assert_eq!(array.shape, [2]);
         assert_eq!(npz_labels(&array).unwrap(), [7, -1]);
-        let scalar = parse_npy(npy(
-            "{\"descr\": \"<f8\", \"fortran_order\": False, \"shape\": ()}",
-            &[0; 8],
-        ))
-        .unwrap();
+        let scalar = parse_npy(npy("{\"descr\": \"<f8\", \"fortran_order\": False, \"shape\": ()}", &[0; 8])).unwrap();
         assert!(scalar.shape.is_empty());
     }
 
     #[test]
     fn npy_rejects_big_endian_fortran_order_and_bad_input() {
-        let be = parse_npy(npy(
-            "{'descr': '>f4', 'fortran_order': False, 'shape': (1,), }",
-            &[0; 4],
-        ));
+        let be = parse_npy(npy("{'descr': '>f4', 'fortran_order': False, 'shape': (1,), }", &[0; 4]));
         assert!(be.unwrap_err().contains("big-endian"));
-        let fortran = parse_npy(npy(
-            "{'descr': '<f4', 'fortran_order': True, 'shape': (1,), }",
-            &[0; 4],
-        ));
+        let fortran = parse_npy(npy("{'descr': '<f4', 'fortran_order': True, 'shape': (1,), }", &[0; 4]));
         assert!(fortran.unwrap_err().contains("fortran_order"));
-        let short = parse_npy(npy(
-            "{'descr': '<f4', 'fortran_order': False, 'shape': (2,), }",
-            &[0; 4],
-        ));
+        let short = parse_npy(npy("{'descr': '<f4', 'fortran_order': False, 'shape': (2,), }", &[0; 4]));
         assert!(short.unwrap_err().contains("expected 8 bytes"));
-        let structured = parse_npy(npy(
-            "{'descr': [('a', '<f4')], 'fortran_order': False, 'shape': (1,), }",
-            &[0; 4],
-        ));
+        let structured = parse_npy(npy("{'descr': [('a', '<f4')], 'fortran_order': False, 'shape': (1,), }", &[0; 4]));
         assert!(structured.unwrap_err().contains("structured"));
-        assert!(parse_npy(b"\x93NUMPY\x04\x00\x00\x00".to_vec())
-            .unwrap_err()
-            .contains("version 4.0"));
-        assert!(parse_npy(b"PK\x03\x04".to_vec())
-            .unwrap_err()
-            .contains("magic"));
-        assert!(parse_npy(b"\x93NUMPY\x01\x00\xff\x00{".to_vec())
-            .unwrap_err()
-            .contains("claims 255 bytes"));
-        assert!(parse_npy(npy("{'descr': '<f4', 'shape': (1,", &[]))
-            .unwrap_err()
-            .contains("malformed"));
+        assert!(parse_npy(b"\x93NUMPY\x04\x00\x00\x00".to_vec()).unwrap_err().contains("version 4.0"));
+        assert!(parse_npy(b"PK\x03\x04".to_vec()).unwrap_err().contains("magic"));
+        assert!(parse_npy(b"\x93NUMPY\x01\x00\xff\x00{".to_vec()).unwrap_err().contains("claims 255 bytes"));
+        assert!(parse_npy(npy("{'descr': '<f4', 'shape': (1,", &[])).unwrap_err().contains("malformed"));
     }
 
     #[test]
@@ -1185,20 +991,13 @@ mod tests {
         batch.truncate(2 * CIFAR_RECORD + 100);
         fs::write(&path, &batch).unwrap();
         let message = dataset_error(Dataset::open(&format!("cifar10:{}", path.display()), None));
-        assert!(
-            message.contains("6246 bytes") && message.contains("3073"),
-            "{message}"
-        );
+        assert!(message.contains("6246 bytes") && message.contains("3073"), "{message}");
         assert!(message.contains("short.bin"), "{message}");
     }
 
     #[test]
     fn write_normalised_u8_applies_scale_mean_and_std_per_channel() {
-        let ds = Dataset::open(
-            &format!("cifar10:{}", data("tiny-cifar.bin").display()),
-            None,
-        )
-        .unwrap();
+        let ds = Dataset::open(&format!("cifar10:{}", data("tiny-cifar.bin").display()), None).unwrap();
         let mut out = vec![0.0; ds.sample_len()];
         ds.write_normalised(2, 0.5, &[1.0, 2.0, 3.0], &[2.0, 4.0, 8.0], &mut out);
         let plane = 32 * 32;
@@ -1243,23 +1042,14 @@ mod tests {
         let raw = gunzip(&data("tiny-images-idx3-ubyte.gz"));
         fs::write(&images, gzip(&raw[..raw.len() - 10])).unwrap();
         let labels = data("tiny-labels-idx1-ubyte.gz");
-        let message = dataset_error(Dataset::open(
-            &format!("idx:{},{}", images.display(), labels.display()),
-            None,
-        ));
+        let message = dataset_error(Dataset::open(&format!("idx:{},{}", images.display(), labels.display()), None));
         assert!(message.contains("truncated-images.gz"), "{message}");
-        assert!(
-            message.contains("expected 80 bytes") && message.contains("found 70"),
-            "{message}"
-        );
+        assert!(message.contains("expected 80 bytes") && message.contains("found 70"), "{message}");
 
         // A cut gzip stream is reported too, not silently read short.
         let full_gz = fs::read(data("tiny-images-idx3-ubyte.gz")).unwrap();
         fs::write(&images, &full_gz[..full_gz.len() / 2]).unwrap();
-        let message = dataset_error(Dataset::open(
-            &format!("idx:{},{}", images.display(), labels.display()),
-            None,
-        ));
+        let message = dataset_error(Dataset::open(&format!("idx:{},{}", images.display(), labels.display()), None));
         assert!(message.contains("gzip"), "{message}");
     }
 
@@ -1271,14 +1061,9 @@ mod tests {
         raw[0] = 0x12;
         fs::write(&images, &raw).unwrap();
         let labels = data("tiny-labels-idx1-ubyte.gz");
-        let message = dataset_error(Dataset::open(
-            &format!("idx:{},{}", images.display(), labels.display()),
-            None,
-        ));
+        let message = dataset_error(Dataset::open(&format!("idx:{},{}", images.display(), labels.display()), None));
         assert!(
-            message.contains("bad-magic")
-                && message.contains("magic")
-                && message.contains("12 00 08 03"),
+            message.contains("bad-magic") && message.contains("magic") && message.contains("12 00 08 03"),
             "{message}"
         );
     }
@@ -1289,36 +1074,18 @@ mod tests {
         let labels = dir.path().join("four-labels");
         fs::write(&labels, [0, 0, 8, 1, 0, 0, 0, 4, 0, 1, 2, 3]).unwrap();
         let images = data("tiny-images-idx3-ubyte.gz");
-        let message = dataset_error(Dataset::open(
-            &format!("idx:{},{}", images.display(), labels.display()),
-            None,
-        ));
-        assert!(
-            message.contains("4 labels") && message.contains("5 images"),
-            "{message}"
-        );
+        let message = dataset_error(Dataset::open(&format!("idx:{},{}", images.display(), labels.display()), None));
+        assert!(message.contains("4 labels") && message.contains("5 images"), "{message}");
     }
 
     #[test]
     fn idx_rank_is_checked() {
         let labels = data("tiny-labels-idx1-ubyte.gz");
         let images = data("tiny-images-idx3-ubyte.gz");
-        let swapped = dataset_error(Dataset::open(
-            &format!("idx:{},{}", labels.display(), images.display()),
-            None,
-        ));
-        assert!(
-            swapped.contains("3-dimensional") && swapped.contains("found 1 dimensions"),
-            "{swapped}"
-        );
-        let both = dataset_error(Dataset::open(
-            &format!("idx:{},{}", images.display(), images.display()),
-            None,
-        ));
-        assert!(
-            both.contains("1-dimensional") && both.contains("found 3 dimensions"),
-            "{both}"
-        );
+        let swapped = dataset_error(Dataset::open(&format!("idx:{},{}", labels.display(), images.display()), None));
+        assert!(swapped.contains("3-dimensional") && swapped.contains("found 1 dimensions"), "{swapped}");
+        let both = dataset_error(Dataset::open(&format!("idx:{},{}", images.display(), images.display()), None));
+        assert!(both.contains("1-dimensional") && both.contains("found 3 dimensions"), "{both}");
     }
 
     #[test]
@@ -1328,14 +1095,10 @@ mod tests {
         let message = dataset_error(Dataset::open("fashion-mnist:train", Some(&absent)));
         assert!(message.contains("train-images-idx3-ubyte.gz"), "{message}");
         assert!(message.contains("train-labels-idx1-ubyte.gz"), "{message}");
-        assert!(
-            message.contains("dataset-fashion-mnist") && message.contains("--data-dir"),
-            "{message}"
-        );
+        assert!(message.contains("dataset-fashion-mnist") && message.contains("--data-dir"), "{message}");
         let message = dataset_error(Dataset::open("fashion-mnist:test", Some(dir.path())));
         assert!(
-            message.contains("t10k-images-idx3-ubyte.gz")
-                && message.contains("dataset-fashion-mnist"),
+            message.contains("t10k-images-idx3-ubyte.gz") && message.contains("dataset-fashion-mnist"),
             "{message}"
         );
         let message = dataset_error(Dataset::open("fashion-mnist:validation", None));
@@ -1345,12 +1108,7 @@ mod tests {
     #[test]
     fn unknown_spec_lists_accepted_forms() {
         let message = dataset_error(Dataset::open("mnist", None));
-        for form in [
-            "fashion-mnist:test",
-            "idx:IMAGES,LABELS",
-            "cifar10:test",
-            "npz:FILE",
-        ] {
+        for form in ["fashion-mnist:test", "idx:IMAGES,LABELS", "cifar10:test", "npz:FILE"] {
             assert!(message.contains(form), "{message}");
         }
         let message = dataset_error(Dataset::open("idx:only-one-path", None));
@@ -1368,9 +1126,7 @@ mod tests {
     #[test]
     fn fashion_mnist_test_from_debian_package() {
         if !Path::new(FASHION_MNIST_DIR).is_dir() {
-            eprintln!(
-                "skipped: {FASHION_MNIST_DIR} is absent (dataset-fashion-mnist not installed)"
-            );
+            eprintln!("skipped: {FASHION_MNIST_DIR} is absent (dataset-fashion-mnist not installed)");
             return;
         }
         let ds = Dataset::open("fashion-mnist:test", None).unwrap();

@@ -347,7 +347,7 @@ mod tests {
         let h = softmax_entropy(&[1.0, 1.0, 1.0, 1.0], &mut p);
         assert!((h - 4f32.ln()).abs() < 1e-6 && p.iter().all(|&x| (x - 0.25).abs() < 1e-7));
         let h = softmax_entropy(&[100.0, 0.0], &mut [0.0; 2]);
-        assert!(h >= 0.0 && h < 1e-6, "{h}");
+        assert!((0.0..1e-6).contains(&h), "{h}");
     }
 
     #[test]
@@ -413,7 +413,7 @@ mod tests {
         let last = &Policy::defaults(&meta()).rules[2];
         assert!(last.threshold.is_none());
         assert_eq!(answer(&last.decide(&[1.0, 1.1, 1.0])[0]), (1, 2)); // high entropy, still answers
-        // A bag logit at the last exit is skipped in favour of the best real class.
+                                                                       // A bag logit at the last exit is skipped in favour of the best real class.
         let bag_last = ExitRule {
             name: "E9".into(),
             index: 8,

@@ -138,9 +138,10 @@ impl ModelMeta {
 
     /// Index of the exit named `name`, or an error listing the exits there are.
     pub fn exit_index(&self, name: &str) -> Result<usize> {
-        self.exits.iter().position(|e| e.name == name).ok_or_else(|| {
-            Error::Policy(format!("exit {name} is not in this model (exits {})", self.exit_range()))
-        })
+        self.exits
+            .iter()
+            .position(|e| e.name == name)
+            .ok_or_else(|| Error::Policy(format!("exit {name} is not in this model (exits {})", self.exit_range())))
     }
 
     /// `E1..E7`, for messages.
@@ -179,7 +180,9 @@ impl ModelMeta {
             }
         }
         if std.iter().any(|s| !(s.is_finite() && *s > 0.0)) || !scale.is_finite() {
-            return bad(format!("`input.std` must be positive and `input.scale` finite, found std {std:?}, scale {scale}"));
+            return bad(format!(
+                "`input.std` must be positive and `input.scale` finite, found std {std:?}, scale {scale}"
+            ));
         }
         let m = self.exits.len();
         if m == 0 {
@@ -188,7 +191,10 @@ impl ModelMeta {
         for (i, e) in self.exits.iter().enumerate() {
             let want = format!("E{}", i + 1);
             if e.name != want {
-                return bad(format!("exits[{i}].name must be {want} (exits are named E1..EM in order), found {:?}", e.name));
+                return bad(format!(
+                    "exits[{i}].name must be {want} (exits are named E1..EM in order), found {:?}",
+                    e.name
+                ));
             }
             let last = i + 1 == m;
             match (&e.cut, last) {
@@ -209,11 +215,16 @@ impl ModelMeta {
                 }
             }
             if !e.bag && e.classes.len() != k && last {
-                return bad(format!("the last exit {want} is a plain exit and must cover all {k} classes, found {}", e.classes.len()));
+                return bad(format!(
+                    "the last exit {want} is a plain exit and must cover all {k} classes, found {}",
+                    e.classes.len()
+                ));
             }
             if let Some(t) = e.threshold {
                 if !(t.is_finite() && t >= 0.0) {
-                    return bad(format!("exit {want} has threshold {t}; expected a non-negative number of nats or null"));
+                    return bad(format!(
+                        "exit {want} has threshold {t}; expected a non-negative number of nats or null"
+                    ));
                 }
             }
         }

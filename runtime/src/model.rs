@@ -51,17 +51,15 @@ impl Model {
     /// Decodes a model from memory (for example bytes streamed from a server).
     pub fn from_bytes(bytes: &[u8], origin: &str) -> Result<Model> {
         let proto = decode(bytes, origin)?;
-        let text = proto
-            .metadata_props
-            .iter()
-            .find(|p| p.key() == METADATA_KEY)
-            .map(|p| p.value().to_string())
-            .ok_or_else(|| {
-                Error::Metadata(format!(
-                    "{origin} has no `{METADATA_KEY}` entry in metadata_props; export it with the trainer, or \
+        let text =
+            proto.metadata_props.iter().find(|p| p.key() == METADATA_KEY).map(|p| p.value().to_string()).ok_or_else(
+                || {
+                    Error::Metadata(format!(
+                        "{origin} has no `{METADATA_KEY}` entry in metadata_props; export it with the trainer, or \
                      give --cuts and --exits to split a plain ONNX model"
-                ))
-            })?;
+                    ))
+                },
+            )?;
         let mut meta = ModelMeta::from_json(&text).map_err(|e| match e {
             Error::Metadata(m) => Error::Metadata(format!("{origin}: {m}")),
             other => other,
@@ -141,7 +139,13 @@ impl Model {
             format_version: FORMAT_VERSION,
             name: Some(stem(&origin)),
             classes: (0..k).map(|i| i.to_string()).collect(),
-            input: InputSpec { shape: sample, scale: 1.0, mean: vec![0.0; c], std: vec![1.0; c], extra: Default::default() },
+            input: InputSpec {
+                shape: sample,
+                scale: 1.0,
+                mean: vec![0.0; c],
+                std: vec![1.0; c],
+                extra: Default::default(),
+            },
             exits,
             training: None,
             partition: None,
@@ -239,7 +243,10 @@ impl Model {
             let shape = self.tensor_shape(&self.input_name).unwrap_or_default();
             let want = &self.meta.input.shape;
             let ok = shape.len() == 4
-                && shape[1..].iter().zip(want).all(|(d, w)| matches!(d, Dim::Fixed(n) if n == w) || *d == Dim::Symbolic);
+                && shape[1..]
+                    .iter()
+                    .zip(want)
+                    .all(|(d, w)| matches!(d, Dim::Fixed(n) if n == w) || *d == Dim::Symbolic);
             if !ok {
                 return Err(Error::Metadata(format!(
                     "{o}: graph input `{}` has shape {}, but the metadata says samples are {:?} (expected [N, {}])",
@@ -256,10 +263,7 @@ impl Model {
 
 /// Parses `E2` (or `e2`) into the number of exits on the edge, 1..=M.
 pub fn parse_partition(name: &str, num_exits: usize) -> Result<usize> {
-    let k = name
-        .strip_prefix(['E', 'e'])
-        .and_then(|d| d.parse::<usize>().ok())
-        .filter(|k| (1..=num_exits).contains(k));
+    let k = name.strip_prefix(['E', 'e']).and_then(|d| d.parse::<usize>().ok()).filter(|k| (1..=num_exits).contains(k));
     k.ok_or_else(|| Error::Parse(format!("partition `{name}` is not one of E1..E{num_exits}")))
 }
 

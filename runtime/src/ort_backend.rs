@@ -57,7 +57,9 @@ fn load(flag: Option<&Path>, intra_threads: usize) -> std::result::Result<(PathB
     let candidates: Vec<(PathBuf, &str)> = flag
         .map(|p| (p.to_path_buf(), "--ort-lib"))
         .into_iter()
-        .chain(std::env::var_os("ORT_DYLIB_PATH").filter(|v| !v.is_empty()).map(|v| (PathBuf::from(v), "ORT_DYLIB_PATH")))
+        .chain(
+            std::env::var_os("ORT_DYLIB_PATH").filter(|v| !v.is_empty()).map(|v| (PathBuf::from(v), "ORT_DYLIB_PATH")),
+        )
         .chain(venv_library().map(|p| (p, "the project's .venv")))
         .chain([(PathBuf::from("libonnxruntime.so"), "the system library path")])
         .collect();
@@ -73,12 +75,13 @@ fn load(flag: Option<&Path>, intra_threads: usize) -> std::result::Result<(PathB
             Ok(builder) => {
                 let env_err = |e: ort::Error| format!("ONNX Runtime environment: {e}");
                 let pool = GlobalThreadPoolOptions::default().with_intra_threads(intra_threads).map_err(env_err)?;
-                let env =
-                    builder.with_name("classynet").with_global_thread_pool(pool).build().map_err(env_err)?;
+                let env = builder.with_name("classynet").with_global_thread_pool(pool).build().map_err(env_err)?;
                 tracing::debug!(library = %path.display(), from, "loaded ONNX Runtime");
                 return Ok((path, env));
             }
-            Err(e) if explicit => return Err(format!("cannot load ONNX Runtime from {} ({from}): {e}", path.display())),
+            Err(e) if explicit => {
+                return Err(format!("cannot load ONNX Runtime from {} ({from}): {e}", path.display()))
+            }
             Err(e) => tried.push(format!("{} ({from}): {e}", path.display())),
         }
     }
@@ -101,7 +104,8 @@ fn venv_library() -> Option<PathBuf> {
     }
     roots.iter().find_map(|root| {
         let lib = root.join(".venv/lib");
-        let py = std::fs::read_dir(&lib).ok()?.flatten().find(|e| e.file_name().to_string_lossy().starts_with("python3"))?;
+        let py =
+            std::fs::read_dir(&lib).ok()?.flatten().find(|e| e.file_name().to_string_lossy().starts_with("python3"))?;
         let capi = py.path().join("site-packages/onnxruntime/capi");
         let mut libs: Vec<PathBuf> = std::fs::read_dir(&capi)
             .ok()?
@@ -201,12 +205,8 @@ impl Backend for OrtBackend {
                 Some(s) => s,
                 None => {
                     let segs = &self.segments[g.clone()];
-                    let name = format!(
-                        "{}-E{}..E{}",
-                        self.model.name(),
-                        segs[0].exit + 1,
-                        segs[segs.len() - 1].exit + 1
-                    );
+                    let name =
+                        format!("{}-E{}..E{}", self.model.name(), segs[0].exit + 1, segs[segs.len() - 1].exit + 1);
                     OrtGraph::new(&extract(&self.model, segs, Logits::Last, None, &name), self.opts)?
                 }
             };

@@ -65,9 +65,7 @@ pub fn segments(model: &Model) -> Result<Vec<Segment>> {
                     return Err(Error::Partition(format!(
                         "{}: cut `{input}` does not separate the graph: exit {} needs tensor `{t}`, which is computed \
                          before the cut (in segment {}); choose a cut that every later path goes through",
-                        model.origin,
-                        e.name,
-                        model.meta.exits[owner].name
+                        model.origin, e.name, model.meta.exits[owner].name
                     )));
                 }
                 nodes.insert(n);
@@ -156,10 +154,7 @@ impl Side {
 /// Builds the standalone model of one side of partition `Ek` from a full model.
 pub fn extract_side(model: &Model, segs: &[Segment], side: &Side) -> Result<onnx::ModelProto> {
     if model.present != (0..model.num_exits()) {
-        return Err(Error::Partition(format!(
-            "{} is already a partition; cut the full model instead",
-            model.origin
-        )));
+        return Err(Error::Partition(format!("{} is already a partition; cut the full model instead", model.origin)));
     }
     let range = side.exits(model.num_exits());
     let mut meta = model.meta.clone();
@@ -209,10 +204,8 @@ pub fn extract(
 
     // Keep the segments' nodes that the outputs depend on (all of them for `Every`).
     let in_segs: HashSet<usize> = segs.iter().flat_map(|s| s.nodes.iter().copied()).collect();
-    let producer: HashMap<&str, usize> = in_segs
-        .iter()
-        .flat_map(|&i| g.node[i].output.iter().map(move |o| (o.as_str(), i)))
-        .collect();
+    let producer: HashMap<&str, usize> =
+        in_segs.iter().flat_map(|&i| g.node[i].output.iter().map(move |o| (o.as_str(), i))).collect();
     let mut keep: HashSet<usize> = HashSet::new();
     let mut stack: Vec<&str> = outputs.clone();
     while let Some(t) = stack.pop() {

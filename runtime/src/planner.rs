@@ -72,15 +72,7 @@ pub fn plan(model: &Model, segs: &[Segment], batch: usize) -> Vec<PartitionCost>
                 (p + n, b + bytes)
             });
             let (activation_bytes, unknown_shapes) = peak_activations(g, head, &shapes, batch);
-            PartitionCost {
-                name: format!("E{k}"),
-                k,
-                params,
-                weight_bytes,
-                activation_bytes,
-                unknown_shapes,
-                batch,
-            }
+            PartitionCost { name: format!("E{k}"), k, params, weight_bytes, activation_bytes, unknown_shapes, batch }
         })
         .collect()
 }

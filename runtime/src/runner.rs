@@ -81,8 +81,15 @@ impl<B: Backend> SegmentedRunner<B> {
         sample_shape: Option<Vec<usize>>,
         merge: bool,
     ) -> Result<Self> {
-        let mut r =
-            SegmentedRunner { backend, first_exit, rules: Vec::new(), groups: Vec::new(), merge, policy_version: 0, sample_shape };
+        let mut r = SegmentedRunner {
+            backend,
+            first_exit,
+            rules: Vec::new(),
+            groups: Vec::new(),
+            merge,
+            policy_version: 0,
+            sample_shape,
+        };
         r.set_policy(policy)?;
         Ok(r)
     }
@@ -278,10 +285,13 @@ pub(crate) mod tests {
         let fake = Fake { segments: 2, widths: vec![4, 4, 4], calls: vec![] };
         let mut r = SegmentedRunner::new(fake, 0, &Policy::defaults(&meta3()), None).unwrap();
         let out = r.run(batch(&[25.0, 1.0, 31.0])).unwrap();
-        assert_eq!(out.results[1], SampleResult::Answered(match &out.results[1] {
-            SampleResult::Answered(a) => *a,
-            _ => panic!("sample 1 exits at E1"),
-        }));
+        assert_eq!(
+            out.results[1],
+            SampleResult::Answered(match &out.results[1] {
+                SampleResult::Answered(a) => *a,
+                _ => panic!("sample 1 exits at E1"),
+            })
+        );
         assert_eq!(out.results[0], SampleResult::Forwarded);
         let f = out.forward.unwrap();
         assert_eq!(f.rows, vec![0, 2]);
@@ -312,7 +322,7 @@ pub(crate) mod tests {
         let out = r.run(batch(&[1.0, 2.0])).unwrap();
         assert_eq!(r.policy_version(), 7);
         assert!(exits_of(&out).iter().all(|e| e.unwrap().1 == 2));
-        assert_eq!(r.groups(), &[0..3], "nothing can leave at E1 or E2: one unit");
+        assert_eq!(r.groups(), std::slice::from_ref(&(0..3)), "nothing can leave at E1 or E2: one unit");
         assert_eq!(r.backend.calls, vec![(0, 2)]);
 
         // Without merging every exit keeps its boundary, with the same answers.

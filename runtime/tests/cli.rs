@@ -58,7 +58,8 @@ fn partition_writes_files_that_load_and_match_the_full_model() {
     let dir = tempfile::tempdir().unwrap();
     let head = dir.path().join("head.onnx").display().to_string();
     let tail = dir.path().join("tail.onnx").display().to_string();
-    let out = ok(&["partition", "--model", &data("tiny3.onnx"), "--partition", "E2", "--out", &head, "--other-out", &tail]);
+    let out =
+        ok(&["partition", "--model", &data("tiny3.onnx"), "--partition", "E2", "--out", &head, "--other-out", &tail]);
     assert!(out.contains("Head of E2, exits E1..E2") && out.contains("Tail of E2, exits E3..E3"), "{out}");
     let info: Value = serde_json::from_str(&ok(&["inspect", "--model", &head, "--json"])).unwrap();
     assert_eq!(info["metadata"]["partition"]["role"], "head");
@@ -66,14 +67,23 @@ fn partition_writes_files_that_load_and_match_the_full_model() {
     let info: Value = serde_json::from_str(&ok(&["inspect", "--model", &tail, "--json"])).unwrap();
     assert_eq!(info["input"], "cut2");
 
-    let v: Value = serde_json::from_str(&ok(&["verify-split", "--model", &data("tiny3.onnx"), "--dataset", &tiny_dataset(), "--json"])).unwrap();
+    let v: Value = serde_json::from_str(&ok(&[
+        "verify-split",
+        "--model",
+        &data("tiny3.onnx"),
+        "--dataset",
+        &tiny_dataset(),
+        "--json",
+    ]))
+    .unwrap();
     assert_eq!(v["ok"], true);
     assert_eq!(v["partitions"].as_array().unwrap().len(), 3);
     for p in v["partitions"].as_array().unwrap() {
         assert!(p["head_max_abs_diff"].as_f64().unwrap() <= 1e-5 && p["tail_max_abs_diff"].as_f64().unwrap() <= 1e-5);
     }
 
-    let e = fails(&["partition", "--model", &data("tiny3.onnx"), "--partition", "E3", "--side", "tail", "--out", &tail]);
+    let e =
+        fails(&["partition", "--model", &data("tiny3.onnx"), "--partition", "E3", "--side", "tail", "--out", &tail]);
     assert!(e.contains("no tail"), "{e}");
     let e = fails(&["partition", "--model", &data("tiny3.onnx"), "--partition", "E7", "--out", &head]);
     assert!(e.contains("partition `E7` is not one of E1..E3"), "{e}");
@@ -83,7 +93,16 @@ fn partition_writes_files_that_load_and_match_the_full_model() {
 fn plain_onnx_models_split_with_user_given_cuts() {
     let m = data("tiny3-plain.onnx");
     let v: Value = serde_json::from_str(&ok(&[
-        "verify-split", "--model", &m, "--cuts", "cut1,cut2", "--exits", "exit1,exit2,exit3", "--dataset", &tiny_dataset(), "--json",
+        "verify-split",
+        "--model",
+        &m,
+        "--cuts",
+        "cut1,cut2",
+        "--exits",
+        "exit1,exit2,exit3",
+        "--dataset",
+        &tiny_dataset(),
+        "--json",
     ]))
     .unwrap();
     assert_eq!(v["ok"], true);
@@ -98,8 +117,16 @@ fn run_reports_per_exit_and_per_class_counts() {
     let policy = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(policy.path(), r#"{"version": 5, "exits": [{"name": "E2", "threshold": 5.0}]}"#).unwrap();
     let out = ok(&[
-        "run", "--model", &data("tiny3.onnx"), "--dataset", &tiny_dataset(), "--batch", "2", "--policy",
-        policy.path().to_str().unwrap(), "--json",
+        "run",
+        "--model",
+        &data("tiny3.onnx"),
+        "--dataset",
+        &tiny_dataset(),
+        "--batch",
+        "2",
+        "--policy",
+        policy.path().to_str().unwrap(),
+        "--json",
     ]);
     let v: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["samples"], 5);
@@ -141,7 +168,15 @@ fn bad_inputs_get_clear_errors() {
 
     let policy = dir.path().join("p.json");
     std::fs::write(&policy, r#"{"version": 1, "exits": [{"name": "E1", "classes": [0]}]}"#).unwrap();
-    let e = fails(&["run", "--model", &data("tiny3.onnx"), "--dataset", &tiny_dataset(), "--policy", policy.to_str().unwrap()]);
+    let e = fails(&[
+        "run",
+        "--model",
+        &data("tiny3.onnx"),
+        "--dataset",
+        &tiny_dataset(),
+        "--policy",
+        policy.to_str().unwrap(),
+    ]);
     assert!(e.contains("bag-of-classes exit trained for {south (2)}") && e.contains("north (0)"), "{e}");
 
     let e = fails(&["run", "--model", &data("tiny3.onnx"), "--dataset", "mnist:test"]);
@@ -150,7 +185,15 @@ fn bad_inputs_get_clear_errors() {
 
 #[test]
 fn the_ort_library_flag_is_checked() {
-    let e = fails(&["--ort-lib", "/nonexistent/libonnxruntime.so", "run", "--model", &data("tiny3.onnx"), "--dataset", &tiny_dataset()]);
+    let e = fails(&[
+        "--ort-lib",
+        "/nonexistent/libonnxruntime.so",
+        "run",
+        "--model",
+        &data("tiny3.onnx"),
+        "--dataset",
+        &tiny_dataset(),
+    ]);
     assert!(e.contains("/nonexistent/libonnxruntime.so") && e.contains("scripts/setup"), "{e}");
 }
 

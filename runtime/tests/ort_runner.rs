@@ -70,9 +70,13 @@ fn segmented_answers_equal_algorithm_1_on_the_full_model() {
     let per_exit: Vec<usize> = (0..3).map(|e| want.iter().filter(|a| a.1 == e).count()).collect();
     assert!(per_exit.iter().all(|&c| c > 0), "fixture inputs reach every exit: {per_exit:?}");
 
-    let mut runner =
-        SegmentedRunner::new(OrtBackend::new(&model, SessionOptions::default()).unwrap(), 0, &policy, Some(vec![1, 4, 4]))
-            .unwrap();
+    let mut runner = SegmentedRunner::new(
+        OrtBackend::new(&model, SessionOptions::default()).unwrap(),
+        0,
+        &policy,
+        Some(vec![1, 4, 4]),
+    )
+    .unwrap();
     let out = runner.run(x.clone()).unwrap();
     assert_eq!(answers(&out.results), want);
     assert_eq!(runner.policy_version(), 3);
@@ -80,8 +84,10 @@ fn segmented_answers_equal_algorithm_1_on_the_full_model() {
 
     // A live policy change that disables E2: E2 and E3 now run as one session, and the answers
     // are still Algorithm 1's.
-    let file = PolicyFile::from_json(r#"{"version": 4, "exits": [{"name": "E1", "threshold": 0.6}, {"name": "E2", "disabled": true}]}"#)
-        .unwrap();
+    let file = PolicyFile::from_json(
+        r#"{"version": 4, "exits": [{"name": "E1", "threshold": 0.6}, {"name": "E2", "disabled": true}]}"#,
+    )
+    .unwrap();
     let policy = Policy::resolve(&model.meta, &file).unwrap();
     runner.set_policy(&policy).unwrap();
     assert_eq!(runner.groups(), &[0..1, 1..3]);
@@ -115,14 +121,18 @@ fn a_head_partition_forwards_what_its_tail_finishes() {
     let model = Model::load(&data("tiny3.onnx")).unwrap();
     let segs = segments(&model).unwrap();
     let side = |role| Side::parse("E1", role, 3).unwrap();
-    let head = Model::from_bytes(&extract_side(&model, &segs, &side(PartitionRole::Head)).unwrap().encode_to_vec(), "head")
-        .unwrap();
-    let tail = Model::from_bytes(&extract_side(&model, &segs, &side(PartitionRole::Tail)).unwrap().encode_to_vec(), "tail")
-        .unwrap();
+    let head =
+        Model::from_bytes(&extract_side(&model, &segs, &side(PartitionRole::Head)).unwrap().encode_to_vec(), "head")
+            .unwrap();
+    let tail =
+        Model::from_bytes(&extract_side(&model, &segs, &side(PartitionRole::Tail)).unwrap().encode_to_vec(), "tail")
+            .unwrap();
     let policy = Policy::resolve(
         &model.meta,
-        &PolicyFile::from_json(r#"{"version": 1, "exits": [{"name": "E1", "threshold": 0.6}, {"name": "E2", "threshold": 0.5}]}"#)
-            .unwrap(),
+        &PolicyFile::from_json(
+            r#"{"version": 1, "exits": [{"name": "E1", "threshold": 0.6}, {"name": "E2", "threshold": 0.5}]}"#,
+        )
+        .unwrap(),
     )
     .unwrap();
     let x = inputs(200, 42);

@@ -44,7 +44,8 @@ fn every_zoo_model_splits_exactly_and_matches_its_card() {
         // either way, nothing more.
         assert!((got - want).abs() <= 0.001, "{m}: runtime accuracy {got}, card {want}");
         let counts: Vec<i64> = run["exits"].as_array().unwrap().iter().map(|e| e["count"].as_i64().unwrap()).collect();
-        let card_counts: Vec<i64> = card["exit_counts"].as_array().unwrap().iter().map(|c| c.as_i64().unwrap()).collect();
+        let card_counts: Vec<i64> =
+            card["exit_counts"].as_array().unwrap().iter().map(|c| c.as_i64().unwrap()).collect();
         assert_eq!(counts.len(), card_counts.len());
         for (a, b) in counts.iter().zip(&card_counts) {
             assert!((a - b).abs() <= 10, "{m}: exit counts {counts:?} vs card {card_counts:?}");

@@ -41,7 +41,8 @@ pub struct Served {
 
 /// Runs after the worker, on the whole batch (an edge forwards the batch's survivors here in one
 /// call). It must answer or keep every row.
-pub type Finisher = Arc<dyn Fn(BatchOutcome) -> Pin<Box<dyn Future<Output = ServeResult<Served>> + Send>> + Send + Sync>;
+pub type Finisher =
+    Arc<dyn Fn(BatchOutcome) -> Pin<Box<dyn Future<Output = ServeResult<Served>> + Send>> + Send + Sync>;
 
 struct Item {
     input: Tensor,

@@ -6,8 +6,8 @@ use std::collections::HashMap;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use classynet_proto::inference::{
-    infer_parameter::ParameterChoice, model_infer_request::InferInputTensor,
-    model_infer_response::InferOutputTensor, InferParameter, ModelInferResponse,
+    infer_parameter::ParameterChoice, model_infer_request::InferInputTensor, model_infer_response::InferOutputTensor,
+    InferParameter, ModelInferResponse,
 };
 use classynet_runtime::backend::Tensor;
 use classynet_runtime::runner::SampleResult;
@@ -134,7 +134,9 @@ pub fn decode_input(input: &InferInputTensor, raw: Option<&Bytes>) -> ServeResul
             let v: Vec<f32> = match input.datatype.as_str() {
                 "FP32" => c.fp32_contents.clone(),
                 "UINT8" => c.uint_contents.iter().map(|&v| v as f32).collect(),
-                other => return Err(bad(format!("typed contents of {other} are not supported; send raw_input_contents"))),
+                other => {
+                    return Err(bad(format!("typed contents of {other} are not supported; send raw_input_contents")))
+                }
             };
             if v.len() != n {
                 return Err(bad(format!("shape {:?} needs {n} values, found {}", input.shape, v.len())));
@@ -187,7 +189,11 @@ pub fn encode_tensor(name: &str, t: &Tensor, dtype: WireDtype) -> (InferInputTen
             let zp = (-128.0 - lo / scale).round().clamp(-128.0, 127.0);
             params.insert(PARAM_SCALE.to_string(), double_param(scale as f64));
             params.insert(PARAM_ZERO_POINT.to_string(), int_param(zp as i64));
-            t.data.iter().map(|&v| ((v / scale).round() + zp).clamp(-128.0, 127.0) as i8 as u8).collect::<Vec<u8>>().into()
+            t.data
+                .iter()
+                .map(|&v| ((v / scale).round() + zp).clamp(-128.0, 127.0) as i8 as u8)
+                .collect::<Vec<u8>>()
+                .into()
         }
     };
     let input = InferInputTensor {
@@ -222,8 +228,12 @@ pub fn answers_response(
     policy_version: u64,
 ) -> ModelInferResponse {
     let n = results.len();
-    let (mut label, mut exit, mut entropy, mut prob) =
-        (BytesMut::with_capacity(n * 8), BytesMut::with_capacity(n * 4), BytesMut::with_capacity(n * 4), BytesMut::with_capacity(n * 4));
+    let (mut label, mut exit, mut entropy, mut prob) = (
+        BytesMut::with_capacity(n * 8),
+        BytesMut::with_capacity(n * 4),
+        BytesMut::with_capacity(n * 4),
+        BytesMut::with_capacity(n * 4),
+    );
     let mut failed = Vec::new();
     for (i, r) in results.iter().enumerate() {
         match r {
@@ -238,10 +248,13 @@ pub fn answers_response(
                 exit.put_i32_le(-1);
                 entropy.put_f32_le(f32::NAN);
                 prob.put_f32_le(0.0);
-                failed.push(format!("sample {i}: {}", match other {
-                    SampleResult::Failed(m) => m.as_str(),
-                    _ => "not answered",
-                }));
+                failed.push(format!(
+                    "sample {i}: {}",
+                    match other {
+                        SampleResult::Failed(m) => m.as_str(),
+                        _ => "not answered",
+                    }
+                ));
             }
         }
     }
@@ -269,10 +282,14 @@ pub fn answers_response(
 /// Reads the answers back from a response (the edge reading the cloud's reply).
 pub fn read_answers(resp: &ModelInferResponse) -> ServeResult<Vec<(i64, i32, f32, f32)>> {
     let find = |name: &str| -> ServeResult<&Bytes> {
-        let i = resp.outputs.iter().position(|o| o.name == name).ok_or_else(|| {
-            ServeError::Unavailable(format!("the cloud's reply has no `{name}` output"))
-        })?;
-        resp.raw_output_contents.get(i).ok_or_else(|| ServeError::Unavailable(format!("the cloud's reply has no data for `{name}`")))
+        let i = resp
+            .outputs
+            .iter()
+            .position(|o| o.name == name)
+            .ok_or_else(|| ServeError::Unavailable(format!("the cloud's reply has no `{name}` output")))?;
+        resp.raw_output_contents
+            .get(i)
+            .ok_or_else(|| ServeError::Unavailable(format!("the cloud's reply has no data for `{name}`")))
     };
     let (l, e, h, p) = (find("label")?, find("exit")?, find("entropy")?, find("probability")?);
     let n = l.len() / 8;
@@ -322,7 +339,8 @@ mod tests {
 
     #[test]
     fn bad_tensors_are_explained() {
-        let input = InferInputTensor { name: "input".into(), datatype: "FP32".into(), shape: vec![2, 2], ..Default::default() };
+        let input =
+            InferInputTensor { name: "input".into(), datatype: "FP32".into(), shape: vec![2, 2], ..Default::default() };
         let e = decode_input(&input, Some(&Bytes::from(vec![0u8; 12]))).unwrap_err().to_string();
         assert_eq!(e, "input `input`: shape [2, 2] of FP32 needs 16 bytes, found 12");
         let mut nan = BytesMut::new();
