@@ -21,7 +21,7 @@ import torch
 from .classes import ConfigError, ExitClasses
 from .data import normalise
 from .evaluate import exit_logits, summarise
-from .losses import uses_bags, uses_costs
+from .losses import answerable, uses_bags, uses_costs
 
 OPSET = 17
 IR_VERSION = 8
@@ -120,7 +120,8 @@ def export_run(run: Path, out: Path, name: str | None = None, data_dir: Path | N
                           "(rerun the same train command to resume)")
     model, classes, ds = _restore(cfg, ck, data_dir)
     logits = exit_logits(model, ds.test.x, ds.mean, ds.std)
-    metrics = summarise(logits, ds.test.y, classes, uses_bags(cfg.mode), list(cfg.thresholds), ds.classes)
+    metrics = summarise(logits, ds.test.y, answerable(cfg.mode, classes), uses_bags(cfg.mode), list(cfg.thresholds),
+                        ds.classes)
     summary_path = run / "train-summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     extra = {"metrics": {k: metrics[k] for k in ("final_exit_accuracy", "per_exit_accuracy", "early_exit_accuracy",
@@ -147,7 +148,7 @@ def evaluate_cmd(run: Path | None, model_path: Path | None, thresholds: list[flo
         cfg, model, classes, ds = load_trained(run)
         logits = exit_logits(model, ds.test.x, ds.mean, ds.std, progress=True)
         t = thresholds or list(cfg.thresholds)
-        return summarise(logits, ds.test.y, classes, uses_bags(cfg.mode), t, ds.classes)
+        return summarise(logits, ds.test.y, answerable(cfg.mode, classes), uses_bags(cfg.mode), t, ds.classes)
     import onnxruntime as ort
 
     proto = onnx.load(str(model_path))

@@ -44,6 +44,16 @@ def exit_widths(mode: str, classes: ExitClasses) -> list[int]:
     return [k] * classes.num_exits
 
 
+def answerable(mode: str, classes: ExitClasses) -> ExitClasses:
+    """Classes each exit may answer at inference: every class for the class-agnostic BranchyNet
+    (and base), the exit's class set S_m for the class-aware modes. The exporter writes the
+    same sets into the metadata, so Python's evaluation and the runtime agree."""
+    if mode in ("bn", "base"):
+        every = tuple(range(classes.num_classes))
+        return ExitClasses(classes.num_classes, tuple(every for _ in classes.sets))
+    return classes
+
+
 def cost_matrix(targeted: list[bool], costs: tuple[float, float, float, float]) -> torch.Tensor:
     """Eq. 3: rows are true labels, columns predicted labels; `targeted[i]` marks row i."""
     c1, c2, c3, c4 = costs

@@ -17,7 +17,7 @@ from . import data as datasets
 from .backbones import build
 from .classes import ConfigError, ExitClasses, class_sets
 from .evaluate import exit_logits, summarise
-from .losses import DEFAULT_COSTS, ExitLoss, LossConfig, check_costs, exit_widths, uses_bags
+from .losses import DEFAULT_COSTS, ExitLoss, LossConfig, answerable, check_costs, exit_widths, uses_bags
 
 PAPER_7EXIT = {"assignment": [[9], [8], [6], [1], [7], [0]], "weights": [0.2, 0.2, 0.2, 0.1, 0.1, 0.1, 0.1],
                "thresholds": [0.3, 0.3, 0.3, 0.2, 0.2, 0.2]}
@@ -192,7 +192,8 @@ def train(cfg: TrainConfig, out: Path, data_dir: Path | None = None, progress: b
                 return {"finished": False}
         bar.close()
         logits = exit_logits(model, ds.test.x, ds.mean, ds.std, progress=progress)
-        metrics = summarise(logits, ds.test.y, classes, uses_bags(cfg.mode), list(cfg.thresholds), ds.classes)
+        metrics = summarise(logits, ds.test.y, answerable(cfg.mode, classes), uses_bags(cfg.mode),
+                            list(cfg.thresholds), ds.classes)
         epoch += 1
         step_in_epoch = 0
         history.append({"epoch": epoch, "final_exit_accuracy": metrics["final_exit_accuracy"],

@@ -110,3 +110,12 @@ def test_bad_weights_and_costs_are_named():
         ExitLoss(LossConfig("bogus", classes, [1, 1, 1]))
     with pytest.raises(ConfigError, match="parse|integers"):
         parse_assignment("9;x")
+
+
+def test_branchynet_exits_answer_every_class_and_classynet_exits_their_set():
+    from classynet_models.losses import answerable
+
+    classes = class_sets([[9], [8]], 3, 10, "ic")
+    assert answerable("bn", classes).sets == (tuple(range(10)),) * 3
+    assert answerable("cn", classes).sets == classes.sets
+    assert answerable("cs", classes).sets == classes.sets
