@@ -155,24 +155,24 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 impl CloudLink {
     fn is_down(&self) -> bool {
-        matches!(*self.down_until.lock().expect("lock"), Some(t) if Instant::now() < t)
+        matches!(*self.down_until.lock().expect("no code panics while holding the link state lock"), Some(t) if Instant::now() < t)
     }
 
     fn failed(&self) {
-        let mut b = self.backoff.lock().expect("lock");
+        let mut b = self.backoff.lock().expect("no code panics while holding the link state lock");
         // Full jitter keeps many edges from retrying in step after a cloud restart.
         let jitter =
             (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos()
                 % 1000) as f64
                 / 1000.0;
         let wait = b.mul_f64(0.5 + 0.5 * jitter);
-        *self.down_until.lock().expect("lock") = Some(Instant::now() + wait);
+        *self.down_until.lock().expect("no code panics while holding the link state lock") = Some(Instant::now() + wait);
         *b = (*b * 2).min(BACKOFF_MAX);
     }
 
     fn succeeded(&self) {
-        *self.backoff.lock().expect("lock") = BACKOFF_MIN;
-        *self.down_until.lock().expect("lock") = None;
+        *self.backoff.lock().expect("no code panics while holding the link state lock") = BACKOFF_MIN;
+        *self.down_until.lock().expect("no code panics while holding the link state lock") = None;
     }
 }
 

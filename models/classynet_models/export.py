@@ -138,7 +138,6 @@ def export_run(run: Path, out: Path, name: str | None = None, data_dir: Path | N
 def evaluate_cmd(run: Path | None, model_path: Path | None, thresholds: list[float] | None,
                  data_dir: Path | None) -> dict:
     from . import data as datasets
-    from .classes import class_sets
 
     if (run is None) == (model_path is None):
         raise ConfigError("give exactly one of --run or --model")
@@ -165,5 +164,4 @@ def evaluate_cmd(run: Path | None, model_path: Path | None, thresholds: list[flo
     sets = [tuple(e["classes"]) for e in meta["exits"]]
     classes = ExitClasses(len(meta["classes"]), tuple(sets))
     t = thresholds or [e["threshold"] for e in meta["exits"][:-1]]
-    del class_sets
     return summarise(logits, ds.test.y, classes, bags, t, meta["classes"])
