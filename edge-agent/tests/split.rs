@@ -257,3 +257,20 @@ async fn a_memory_budget_picks_the_deepest_partition_that_fits() {
     let e = Edge::load(&cfg).await.err().unwrap().to_string();
     assert!(e.contains("no partition fits a budget of 10.0 kB"), "{e}");
 }
+
+/// The zoo's cn+c ResNet-110 split at every cut gives, sample for sample, what the local runner
+/// gives with the same policy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resnet110_cnc_splits_like_the_local_runner_at_every_partition() {
+    let path = zoo("resnet110-7exit-cnc.onnx");
+    let model = Model::load(&path).unwrap();
+    let want = local(&model, &Policy::defaults(&model.meta));
+    let cloud = cloud_server::start(cloud_config(path.clone(), "127.0.0.1:0", None)).await.unwrap();
+    for k in 1..model.num_exits() {
+        let edge = Edge::load(&edge_config(Some(path.clone()), &format!("E{k}"), cloud.addr.to_string())).await.unwrap();
+        let out = classify(&edge, "fashion-mnist:test", None, Some(SAMPLES), 32).await.unwrap();
+        assert_eq!(answers(&out), want, "partition E{k}");
+        assert_eq!(out.json["answered"]["edge"].as_u64().unwrap() as usize, want.iter().filter(|a| a.1 < k).count());
+    }
+    cloud.stop().await;
+}
