@@ -17,7 +17,6 @@ use clap::Parser;
 use classynet_proto::control::control_server::{Control, ControlServer};
 use classynet_proto::control::{GetPartitionRequest, PartitionChunk, PolicyUpdate, WatchPolicyRequest};
 use classynet_proto::inference::grpc_inference_service_server::{GrpcInferenceService, GrpcInferenceServiceServer};
-use classynet_proto::inference::model_metadata_response::TensorMetadata;
 use classynet_proto::inference::*;
 use classynet_runtime::backend::Tensor;
 use classynet_runtime::exit::{Policy, PolicyFile};
@@ -274,41 +273,13 @@ impl GrpcInferenceService for InferenceApi {
         &self,
         _: Request<ServerMetadataRequest>,
     ) -> Result<Response<ServerMetadataResponse>, Status> {
-        Ok(Response::new(ServerMetadataResponse {
-            name: "classynet-cloud-server".into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            extensions: vec!["classynet_split".into()],
-        }))
+        Ok(Response::new(codec::server_metadata("classynet-cloud-server")))
     }
     async fn model_metadata(
         &self,
         r: Request<ModelMetadataRequest>,
     ) -> Result<Response<ModelMetadataResponse>, Status> {
-        let c = &self.0;
-        if r.get_ref().name != c.name {
-            return Err(ServeError::NotFound(format!(
-                "model {:?} is not served here (this server serves {:?})",
-                r.get_ref().name,
-                c.name
-            ))
-            .into());
-        }
-        let mut shape = vec![-1i64];
-        shape.extend(c.model.meta.input.shape.iter().map(|&d| d as i64));
-        let t =
-            |name: &str, dt: &str, shape: Vec<i64>| TensorMetadata { name: name.into(), datatype: dt.into(), shape };
-        Ok(Response::new(ModelMetadataResponse {
-            name: c.name.clone(),
-            versions: vec![],
-            platform: "onnxruntime_onnx".into(),
-            inputs: vec![t("input", "FP32", shape)],
-            outputs: vec![
-                t("label", "INT64", vec![-1]),
-                t("exit", "INT32", vec![-1]),
-                t("entropy", "FP32", vec![-1]),
-                t("probability", "FP32", vec![-1]),
-            ],
-        }))
+        Ok(Response::new(codec::model_metadata(&self.0.model, &self.0.name, &r.get_ref().name)?))
     }
     async fn model_infer(&self, r: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
         self.0.infer(r.into_inner()).await.map(Response::new).map_err(Status::from)

@@ -166,7 +166,8 @@ impl CloudLink {
                 % 1000) as f64
                 / 1000.0;
         let wait = b.mul_f64(0.5 + 0.5 * jitter);
-        *self.down_until.lock().expect("no code panics while holding the link state lock") = Some(Instant::now() + wait);
+        *self.down_until.lock().expect("no code panics while holding the link state lock") =
+            Some(Instant::now() + wait);
         *b = (*b * 2).min(BACKOFF_MAX);
     }
 
@@ -513,42 +514,14 @@ impl GrpcInferenceService for LocalApi {
         &self,
         _: Request<ServerMetadataRequest>,
     ) -> Result<Response<ServerMetadataResponse>, Status> {
-        Ok(Response::new(ServerMetadataResponse {
-            name: "classynet-edge-agent".into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            extensions: vec!["classynet_split".into()],
-        }))
+        Ok(Response::new(codec::server_metadata("classynet-edge-agent")))
     }
     async fn model_metadata(
         &self,
         r: Request<ModelMetadataRequest>,
     ) -> Result<Response<ModelMetadataResponse>, Status> {
-        use classynet_proto::inference::model_metadata_response::TensorMetadata;
-        let e = &self.0;
-        if r.get_ref().name != e.head.name() {
-            return Err(ServeError::NotFound(format!(
-                "model {:?} is not served here (this edge serves {:?})",
-                r.get_ref().name,
-                e.head.name()
-            ))
-            .into());
-        }
-        let mut shape = vec![-1i64];
-        shape.extend(e.head.meta.input.shape.iter().map(|&d| d as i64));
-        let t =
-            |name: &str, dt: &str, shape: Vec<i64>| TensorMetadata { name: name.into(), datatype: dt.into(), shape };
-        Ok(Response::new(ModelMetadataResponse {
-            name: e.head.name().into(),
-            versions: vec![],
-            platform: "onnxruntime_onnx".into(),
-            inputs: vec![t("input", "FP32", shape)],
-            outputs: vec![
-                t("label", "INT64", vec![-1]),
-                t("exit", "INT32", vec![-1]),
-                t("entropy", "FP32", vec![-1]),
-                t("probability", "FP32", vec![-1]),
-            ],
-        }))
+        let head = &self.0.head;
+        Ok(Response::new(codec::model_metadata(head, head.name(), &r.get_ref().name)?))
     }
     async fn model_infer(&self, r: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
         let e = &self.0;

@@ -267,7 +267,8 @@ async fn resnet110_cnc_splits_like_the_local_runner_at_every_partition() {
     let want = local(&model, &Policy::defaults(&model.meta));
     let cloud = cloud_server::start(cloud_config(path.clone(), "127.0.0.1:0", None)).await.unwrap();
     for k in 1..model.num_exits() {
-        let edge = Edge::load(&edge_config(Some(path.clone()), &format!("E{k}"), cloud.addr.to_string())).await.unwrap();
+        let edge =
+            Edge::load(&edge_config(Some(path.clone()), &format!("E{k}"), cloud.addr.to_string())).await.unwrap();
         let out = classify(&edge, "fashion-mnist:test", None, Some(SAMPLES), 32).await.unwrap();
         assert_eq!(answers(&out), want, "partition E{k}");
         assert_eq!(out.json["answered"]["edge"].as_u64().unwrap() as usize, want.iter().filter(|a| a.1 < k).count());

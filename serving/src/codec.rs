@@ -206,6 +206,45 @@ pub fn encode_tensor(name: &str, t: &Tensor, dtype: WireDtype) -> (InferInputTen
     (input, bytes)
 }
 
+/// The v2 ModelMetadata of a served ClassyNet model: an FP32 image batch in, the four answer
+/// outputs out. `requested` is the name the client asked for.
+pub fn model_metadata(
+    model: &classynet_runtime::model::Model,
+    served_as: &str,
+    requested: &str,
+) -> ServeResult<classynet_proto::inference::ModelMetadataResponse> {
+    use classynet_proto::inference::model_metadata_response::TensorMetadata;
+    if requested != served_as {
+        return Err(ServeError::NotFound(format!(
+            "model {requested:?} is not served here (this server serves {served_as:?})"
+        )));
+    }
+    let mut shape = vec![-1i64];
+    shape.extend(model.meta.input.shape.iter().map(|&d| d as i64));
+    let t = |name: &str, dt: &str, shape: Vec<i64>| TensorMetadata { name: name.into(), datatype: dt.into(), shape };
+    Ok(classynet_proto::inference::ModelMetadataResponse {
+        name: served_as.into(),
+        versions: vec![],
+        platform: "onnxruntime_onnx".into(),
+        inputs: vec![t("input", "FP32", shape)],
+        outputs: vec![
+            t("label", "INT64", vec![-1]),
+            t("exit", "INT32", vec![-1]),
+            t("entropy", "FP32", vec![-1]),
+            t("probability", "FP32", vec![-1]),
+        ],
+    })
+}
+
+/// The v2 ServerMetadata of this project's servers.
+pub fn server_metadata(name: &str) -> classynet_proto::inference::ServerMetadataResponse {
+    classynet_proto::inference::ServerMetadataResponse {
+        name: name.into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        extensions: vec!["classynet_split".into()],
+    }
+}
+
 /// Applies the model's normalisation to raw 8-bit pixels (UINT8 requests), in place.
 pub fn normalise(t: &mut Tensor, model: &classynet_runtime::model::Model) {
     let inp = &model.meta.input;
