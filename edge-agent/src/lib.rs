@@ -186,6 +186,9 @@ pub struct Edge {
     batcher: Batcher,
     pub stats: Arc<Stats>,
     policy_version: Arc<AtomicU64>,
+    /// Set once the first update of the cloud's policy stream has been dealt with, so that a run
+    /// can start under the cloud's policy instead of switching to it part-way.
+    policy_seen: tokio::sync::watch::Sender<bool>,
     server: Option<String>,
 }
 
@@ -300,12 +303,33 @@ impl Edge {
             },
             finisher,
         );
-        let edge = Arc::new(Edge { head, k, worker, batcher, stats, policy_version, server: config.server.clone() });
-        if k < m {
+        let edge = Arc::new(Edge {
+            head,
+            k,
+            worker,
+            batcher,
+            stats,
+            policy_version,
+            policy_seen: tokio::sync::watch::Sender::new(false),
+            server: config.server.clone(),
+        });
+        // Also with every exit on the edge: the cloud still owns the class sets and thresholds.
+        if edge.server.is_some() {
             // The task holds a weak reference: dropping the last Edge ends it.
             tokio::spawn(watch_policy(Arc::downgrade(&edge)));
         }
         Ok(edge)
+    }
+
+    /// Waits until the cloud's policy has been received (true), or `timeout` passed or there is
+    /// no cloud (false).
+    pub async fn wait_for_policy(&self, timeout: Duration) -> bool {
+        if self.server.is_none() {
+            return false;
+        }
+        let mut rx = self.policy_seen.subscribe();
+        let seen = tokio::time::timeout(timeout, rx.wait_for(|seen| *seen)).await.is_ok_and(|r| r.is_ok());
+        seen
     }
 
     /// Version of the exit policy in force on this edge.
@@ -372,6 +396,7 @@ async fn watch_policy(weak: std::sync::Weak<Edge>) {
                     Ok(v) => tracing::info!(version = v, "exit policy from the cloud in force"),
                     Err(e) => tracing::error!(version = update.version, "policy refused, the previous one stays: {e}"),
                 }
+                edge.policy_seen.send_replace(true);
             }
             Ok::<(), String>(())
         };
@@ -642,6 +667,9 @@ pub struct ClassifyOutput {
     pub answers: Vec<Option<(u32, usize, Origin)>>,
 }
 
+/// How long `classify` waits for the cloud's policy before it starts.
+const POLICY_WAIT: Duration = Duration::from_secs(10);
+
 /// Sends every sample as its own request (at most `concurrency` in flight) and tallies.
 pub async fn classify(
     edge: &Arc<Edge>,
@@ -654,6 +682,9 @@ pub async fn classify(
     let args = DataArgs { dataset: dataset.into(), data_dir, limit, batch: 1 };
     let ds = Arc::new(open_dataset(&args, &edge.head)?);
     let n = ds.len();
+    if edge.server.is_some() && !edge.wait_for_policy(POLICY_WAIT).await {
+        tracing::warn!("no exit policy from the cloud within {POLICY_WAIT:?}; starting with the model's defaults");
+    }
     let sem = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
     let start = Instant::now();
     let bytes_before = edge.stats.wire_bytes.load(Ordering::Relaxed);

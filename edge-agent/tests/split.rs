@@ -166,6 +166,28 @@ async fn a_policy_change_on_the_cloud_reaches_the_edge_within_a_second() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn classify_starts_under_the_clouds_policy_even_with_every_exit_on_the_edge() {
+    let path = zoo("tiny-3exit-cn.onnx");
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.toml");
+    // E1 off, E2 only for Bag (8): with the model's defaults E1 answers some of the first samples.
+    std::fs::write(
+        &policy,
+        "version = 7\n[[exits]]\nname = \"E1\"\ndisabled = true\n[[exits]]\nname = \"E2\"\nclasses = [8]\n",
+    )
+    .unwrap();
+    let cloud = cloud_server::start(cloud_config(path.clone(), "127.0.0.1:0", Some(policy))).await.unwrap();
+    // E3 is the whole model: nothing is forwarded, but the class sets still come from the cloud.
+    let edge = Edge::load(&edge_config(Some(path.clone()), "E3", cloud.addr.to_string())).await.unwrap();
+    let out = classify(&edge, "fashion-mnist:test", None, Some(300), 32).await.unwrap();
+    assert_eq!(out.json["policy_version"], 7);
+    assert!(out.answers.iter().all(|a| a.unwrap().1 != 0), "E1 is disabled from the first sample on");
+    assert!(out.answers.iter().filter(|a| a.unwrap().1 == 1).all(|a| a.unwrap().0 == 8));
+    assert_eq!(out.json["answered"]["edge"], 300);
+    cloud.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_the_cloud_degrades_then_recovers_and_every_request_is_answered() {
     let path = zoo("tiny-3exit-cn.onnx");
     let cloud = cloud_server::start(cloud_config(path.clone(), "127.0.0.1:0", None)).await.unwrap();

@@ -19,6 +19,9 @@ pub struct RunReport {
     pub count: Vec<u64>,
     pub correct: Vec<u64>,
     pub per_class: Vec<Vec<u64>>,
+    /// `confusion[exit][true label][predicted]`: what exit efficiency (precision and recall per
+    /// exit) is computed from, and what `per_class` cannot tell (it counts predictions only).
+    pub confusion: Vec<Vec<Vec<u64>>>,
     pub failed: u64,
     pub samples: u64,
     pub seconds: f64,
@@ -38,6 +41,7 @@ impl RunReport {
             count: vec![0; m],
             correct: vec![0; m],
             per_class: vec![vec![0; k]; m],
+            confusion: vec![vec![vec![0; k]; k]; m],
             failed: 0,
             samples: 0,
             seconds: 0.0,
@@ -51,6 +55,10 @@ impl RunReport {
         self.per_class[a.exit][a.class as usize] += 1;
         if label == a.class as i64 {
             self.correct[a.exit] += 1;
+        }
+        // A label outside the model's classes is counted as wrong above but cannot have a row.
+        if let Some(row) = usize::try_from(label).ok().and_then(|l| self.confusion[a.exit].get_mut(l)) {
+            row[a.class as usize] += 1;
         }
     }
 
@@ -77,6 +85,7 @@ impl RunReport {
             "policy_version": self.policy_version, "classes": self.classes,
             "exits": (0..self.count.len()).map(|e| json!({
                 "name": self.exit_names[e], "count": self.count[e], "correct": self.correct[e], "per_class": self.per_class[e],
+                "confusion": self.confusion[e],
             })).collect::<Vec<_>>(),
         })
     }

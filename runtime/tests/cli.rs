@@ -139,6 +139,13 @@ fn run_reports_per_exit_and_per_class_counts() {
         let per_class: u64 = e["per_class"].as_array().unwrap().iter().map(|c| c.as_u64().unwrap()).sum();
         assert_eq!(per_class, e["count"].as_u64().unwrap());
         assert_eq!(e["per_class"].as_array().unwrap().len(), 4);
+        // The confusion matrix (rows: true label) agrees with the prediction counts and the hits.
+        let m: Vec<Vec<u64>> = serde_json::from_value(e["confusion"].clone()).unwrap();
+        assert_eq!(m.len(), 4);
+        for (pred, n) in e["per_class"].as_array().unwrap().iter().enumerate() {
+            assert_eq!(m.iter().map(|row| row[pred]).sum::<u64>(), n.as_u64().unwrap());
+        }
+        assert_eq!((0..4).map(|c| m[c][c]).sum::<u64>(), e["correct"].as_u64().unwrap());
     }
     // A threshold of 5 nats exceeds ln 4: E2 takes everything E1 leaves.
     assert_eq!(exits[2]["count"], 0);

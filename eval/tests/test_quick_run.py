@@ -1,0 +1,76 @@
+"""The `--quick` reproduction end to end: real binaries, real namespaces, a shaped link.
+
+Skipped, with the reason, where network namespaces cannot be made (not root, no iproute2).
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from classynet_eval import netlink
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN_DIR = Path(os.environ.get("CLASSYNET_BIN_DIR", ROOT / "target" / "debug"))
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    why = netlink.unavailable()
+    if why:
+        pytest.skip(f"quick reproduction skipped: {why}")
+    out = tmp_path_factory.mktemp("paper")
+    p = subprocess.run([sys.executable, "-m", "classynet_eval.reproduce", "--quick", "--out", str(out),
+                        "--bin-dir", str(BIN_DIR)], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "[1/" in p.stderr and "report written" in p.stderr, "progress is shown"
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_report_has_every_part_and_real_plots(report):
+    out, _ = report
+    text = (out / "README.md").read_text()
+    for part in ("## 1. Exit efficiency", "## 2. Priority-class speedup", "## 3. Latency versus composition",
+                 "## 4. Accuracy", "## 5. Memory budgets", "Link check", "INT8 against FP32", "On loopback"):
+        assert part in text, part
+    assert "not run" not in text.lower()
+    for png in ("exit-distribution", "speedup", "composition", "budgets"):
+        data = (out / f"{png}.png").read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, png
+        assert f"({png}.png)" in text
+
+
+def test_every_run_is_kept_as_json(report):
+    out, res = report
+    runs = {p.stem: json.loads(p.read_text()) for p in (out / "runs").glob("*.json")}
+    assert len([r for r in runs if r.startswith("net-")]) == len(res["network"]["runs"]) == 48
+    assert all(m["sha256"] and len(m["exit_macs"]) >= 1 for m in res["meta"]["models"].values())
+    assert res["meta"]["commit"] and res["meta"]["machine"]["cores"]
+
+
+def test_link_check_matches_the_configured_link(report):
+    _, res = report
+    link = res["network"]["link"]
+    m = link["measured"]
+    assert link["delay_by"] in ("relay", "netem")
+    # 2 x 5 ms configured; the relay is never early and a loaded 2-core machine adds a few ms.
+    assert m["configured_rtt_ms"] <= m["rtt_ms_median"] < m["configured_rtt_ms"] + 15
+    assert m["up_bytes_received"] == m["down_bytes_received"] == m["bytes"]
+    # 1 MiB at 100 Mbit/s: the shaped rate holds within a factor of 1.5 (tbf's burst adds some).
+    for way in ("up_mbit_s", "down_mbit_s"):
+        assert 0.5 * m["configured_mbit_s"] < m[way] < 1.5 * m["configured_mbit_s"], m
+
+
+def test_split_answers_do_not_depend_on_the_link(report):
+    _, res = report
+    runs = res["network"]["runs"]
+    for name, r in runs.items():
+        assert r["samples"] == 160 and r["answered"]["degraded"] == 0, name
+        assert r["answered"]["edge"] + r["answered"]["cloud"] == 160, name
+        if "-shaped-" in name and name.endswith("-fp32"):
+            twin = runs[name.replace("-shaped-", "-loopback-")]
+            assert (r["accuracy"], r["answered"]) == (twin["accuracy"], twin["answered"]), name
+    # The policy of BN + gating reached the edge before the run (version 1 of the gating policy).
+    assert all(r["policy_version"] == 1 for n, r in runs.items() if "-bn+gate-" in n)

@@ -1,0 +1,84 @@
+//! `link-relay`: parses flags, runs [`link_relay::start`] until SIGINT or SIGTERM.
+use std::io::Write;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// TCP relay that adds a fixed one-way delay to each direction, to emulate link latency where the
+/// kernel has no netem.
+///
+/// Every connection accepted on --listen is relayed to --upstream; every byte, in each direction,
+/// is delivered --delay-ms after the relay read it (a round trip gains 2 × delay). Once bound it
+/// prints "link-relay listening on ADDR" on stdout; it runs until SIGINT or SIGTERM.
+#[derive(Debug, Parser)]
+#[command(name = "link-relay", version)]
+struct Args {
+    /// Address to accept clients on, e.g. 127.0.0.1:0 (port 0 picks a free port; the address
+    /// actually bound is printed).
+    #[arg(long, env = "LINK_RELAY_LISTEN", value_name = "ADDR")]
+    listen: SocketAddr,
+    /// Server to relay every connection to, e.g. 10.0.0.2:50051 (resolved again per connection).
+    #[arg(long, env = "LINK_RELAY_UPSTREAM", value_name = "HOST:PORT")]
+    upstream: String,
+    /// One-way delay added to each direction, in milliseconds; fractions allowed (0: a plain relay).
+    /// Delivery is never early and typically about 1 ms late (timer granularity).
+    #[arg(long, env = "LINK_RELAY_DELAY_MS", value_name = "MS", value_parser = parse_delay_ms)]
+    delay_ms: Duration,
+    /// Most bytes queued per direction per connection. When full, the relay stops reading from
+    /// that sender, so one direction carries at most this many bytes per delay.
+    #[arg(long, env = "LINK_RELAY_MAX_BUFFER", value_name = "BYTES", default_value_t = link_relay::DEFAULT_MAX_BUFFER)]
+    max_buffer: usize,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    link_relay::init_logging();
+    // Installed before the listening line goes out, so a script that signals as soon as it has
+    // read the line still gets a clean exit.
+    let shutdown = shutdown_signal()?;
+    let relay = link_relay::start(link_relay::Config {
+        listen: args.listen,
+        upstream: args.upstream,
+        delay: args.delay_ms,
+        max_buffer: args.max_buffer,
+    })
+    .await?;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "link-relay listening on {}", relay.addr)?;
+    stdout.flush()?;
+    drop(stdout);
+    shutdown.await;
+    tracing::info!("stopping");
+    relay.stop().await;
+    Ok(())
+}
+
+fn parse_delay_ms(value: &str) -> Result<Duration, String> {
+    let ms: f64 = value.trim().parse().map_err(|_| "expected a number of milliseconds".to_string())?;
+    if ms.is_nan() || ms < 0.0 {
+        return Err("expected 0 or more milliseconds".into());
+    }
+    Duration::try_from_secs_f64(ms / 1e3).map_err(|_| "too long a delay".into())
+}
+
+#[cfg(unix)]
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+    })
+}
+
+#[cfg(not(unix))]
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+}
