@@ -394,7 +394,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="how the delay is made: netem where the kernel has it (auto), or link-relay")
     ap.add_argument("--no-network", action="store_true", help="skip part 5 (the namespaces need root)")
     ap.add_argument("--seed", type=int, default=0, help="seed of every sampled test set (default 0)")
+    ap.add_argument("--render-only", action="store_true",
+                    help="rewrite README.md and the plots from the report folder's results.json, running nothing")
     a = ap.parse_args(argv)
+    if a.render_only:
+        from . import report
+        results = a.out / "results.json"
+        if not results.is_file():
+            ap.error(f"--render-only needs {results} from an earlier run")
+        report.write(a.out, json.loads(results.read_text()))
+        say(f"report rewritten from {results}")
+        return 0
 
     s = Settings.make(a.quick)
     s.seed = a.seed
