@@ -28,7 +28,9 @@ use classynet_runtime::runner::SegmentedRunner;
 use classynet_runtime::worker::Worker;
 use classynet_serving::batcher::{BatchConfig, Batcher};
 use classynet_serving::codec::{self, Payload, PARAM_CUT, PARAM_FINGERPRINT};
-use classynet_serving::{ServeError, ServeResult};
+use classynet_serving::security::{self, TlsFiles};
+use classynet_serving::telemetry::{self, LogFormat};
+use classynet_serving::{systemd, ServeError, ServeResult};
 use prost::Message;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -68,12 +70,35 @@ pub struct Config {
     /// Path of libonnxruntime.so (default: ORT_DYLIB_PATH, the project's .venv, the system).
     #[arg(long, env = "CLOUD_SERVER_ORT_LIB")]
     pub ort_lib: Option<PathBuf>,
+    /// PEM certificate (chain) of this server; with --tls-key the listener speaks TLS only.
+    #[arg(long, env = "CLOUD_SERVER_TLS_CERT", value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "CLOUD_SERVER_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA that edges' client certificates must chain to. Turns on mutual TLS: a client
+    /// without such a certificate fails the handshake, so the policy stream and partition
+    /// downloads are only served to authenticated edges.
+    #[arg(long, env = "CLOUD_SERVER_TLS_CA", value_name = "FILE", requires = "tls_cert")]
+    pub tls_ca: Option<PathBuf>,
+    /// Allow a non-loopback --listen without TLS (refused otherwise: the traffic would be
+    /// readable and forgeable on the network).
+    #[arg(long, env = "CLOUD_SERVER_INSECURE")]
+    pub insecure: bool,
+    /// Address of the Prometheus endpoint (GET /metrics), e.g. 127.0.0.1:9101; off when not given.
+    #[arg(long, env = "CLOUD_SERVER_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
+    /// Log format on stderr: text, or json (one object per line, for log shippers).
+    #[arg(long, env = "CLOUD_SERVER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// On SIGTERM or SIGINT: seconds in-flight calls get to finish before the server closes
+    /// anyway.
+    #[arg(long, env = "CLOUD_SERVER_SHUTDOWN_TIMEOUT_S", default_value_t = 10)]
+    pub shutdown_timeout_s: u64,
 }
 
-pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+pub fn init_logging(format: LogFormat) {
+    telemetry::init_logging(format);
 }
 
 /// The loaded model and everything that serves it.
@@ -117,6 +142,7 @@ impl Cloud {
             max_batch: config.max_batch.max(1),
             max_delay: Duration::from_millis(config.max_delay_ms),
             max_queue: config.max_queue.max(config.max_batch),
+            side: "cloud",
         };
         let mut workers = Vec::new();
         let mut inputs = Vec::new();
@@ -173,13 +199,8 @@ impl Cloud {
         self.policy.borrow().0.version
     }
 
-    /// Largest request body the server accepts: `max_batch` samples of the biggest input, FP32.
-    fn max_message_bytes(&self) -> usize {
-        let per_sample = self.inputs.iter().flatten().map(|s| s.iter().product::<usize>()).max().unwrap_or(1 << 16);
-        self.batchers[0].max_batch() * per_sample * 4 + (64 << 10)
-    }
-
     async fn infer(&self, req: ModelInferRequest) -> ServeResult<ModelInferResponse> {
+        let started = std::time::Instant::now();
         if !req.model_name.is_empty() && req.model_name != self.name {
             return Err(ServeError::NotFound(format!(
                 "model {:?} is not served here (this server serves {:?})",
@@ -241,7 +262,21 @@ impl Cloud {
         }
         let version = self.policy_version();
         let served = self.batchers[k].infer(tensor).await?;
-        Ok(codec::answers_response(&self.name, &req.id, &served.outcome.results, version))
+        for r in &served.outcome.results {
+            if let classynet_runtime::runner::SampleResult::Answered(a) = r {
+                metrics::counter!(telemetry::ANSWERED, "side" => "cloud", "where" => "cloud",
+                    "exit" => self.model.meta.exits[a.exit].name.clone(),
+                    "class" => self.model.meta.classes[a.class as usize].clone())
+                .increment(1);
+            }
+        }
+        let mut resp = codec::answers_response(&self.name, &req.id, &served.outcome.results, version);
+        // The edge subtracts this from its round trip to tell network time from cloud time.
+        resp.parameters.insert(
+            codec::PARAM_SERVER_MICROS.into(),
+            codec::int_param(started.elapsed().as_micros().min(i64::MAX as u128) as i64),
+        );
+        Ok(resp)
     }
 }
 
@@ -256,7 +291,14 @@ pub fn read_policy(path: &std::path::Path) -> anyhow::Result<PolicyFile> {
     }
 }
 
-struct InferenceApi(Arc<Cloud>);
+/// Filled once the model is loaded and warm; until then every call but health is UNAVAILABLE.
+type Slot = Arc<std::sync::OnceLock<Arc<Cloud>>>;
+
+fn loaded(slot: &Slot) -> Result<&Arc<Cloud>, Status> {
+    slot.get().ok_or_else(|| Status::unavailable("cloud-server is warming up: the model is still loading"))
+}
+
+struct InferenceApi(Slot);
 
 #[tonic::async_trait]
 impl GrpcInferenceService for InferenceApi {
@@ -264,10 +306,10 @@ impl GrpcInferenceService for InferenceApi {
         Ok(Response::new(ServerLiveResponse { live: true }))
     }
     async fn server_ready(&self, _: Request<ServerReadyRequest>) -> Result<Response<ServerReadyResponse>, Status> {
-        Ok(Response::new(ServerReadyResponse { ready: true }))
+        Ok(Response::new(ServerReadyResponse { ready: self.0.get().is_some() }))
     }
     async fn model_ready(&self, r: Request<ModelReadyRequest>) -> Result<Response<ModelReadyResponse>, Status> {
-        Ok(Response::new(ModelReadyResponse { ready: r.get_ref().name == self.0.name }))
+        Ok(Response::new(ModelReadyResponse { ready: self.0.get().is_some_and(|c| r.get_ref().name == c.name) }))
     }
     async fn server_metadata(
         &self,
@@ -279,14 +321,22 @@ impl GrpcInferenceService for InferenceApi {
         &self,
         r: Request<ModelMetadataRequest>,
     ) -> Result<Response<ModelMetadataResponse>, Status> {
-        Ok(Response::new(codec::model_metadata(&self.0.model, &self.0.name, &r.get_ref().name)?))
+        let c = loaded(&self.0)?;
+        Ok(Response::new(codec::model_metadata(&c.model, &c.name, &r.get_ref().name)?))
     }
     async fn model_infer(&self, r: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
-        self.0.infer(r.into_inner()).await.map(Response::new).map_err(Status::from)
+        let c = loaded(&self.0)?;
+        // The edge's trace context: one forwarded batch is one trace across both sides.
+        let trace = r.metadata().get("traceparent").and_then(|v| v.to_str().ok()).and_then(telemetry::trace_id);
+        let span = tracing::info_span!("model_infer", trace_id = trace.unwrap_or(""));
+        let out = tracing::Instrument::instrument(c.infer(r.into_inner()), span).await;
+        metrics::counter!(telemetry::REQUESTS, "side" => "cloud", "outcome" => if out.is_ok() { "ok" } else { "error" })
+            .increment(1);
+        out.map(Response::new).map_err(Status::from)
     }
 }
 
-struct ControlApi(Arc<Cloud>);
+struct ControlApi(Slot);
 
 type Streamed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -296,7 +346,7 @@ impl Control for ControlApi {
     type GetPartitionStream = Streamed<PartitionChunk>;
 
     async fn watch_policy(&self, r: Request<WatchPolicyRequest>) -> Result<Response<Self::WatchPolicyStream>, Status> {
-        let c = self.0.clone();
+        let c = loaded(&self.0)?.clone();
         let fp = &r.get_ref().fingerprint;
         if !fp.is_empty() && *fp != c.model.fingerprint {
             return Err(ServeError::FailedPrecondition(format!(
@@ -333,7 +383,7 @@ impl Control for ControlApi {
         &self,
         r: Request<GetPartitionRequest>,
     ) -> Result<Response<Self::GetPartitionStream>, Status> {
-        let c = &self.0;
+        let c = loaded(&self.0)?;
         let m = c.model.num_exits();
         let side = Side::parse(&r.get_ref().partition, PartitionRole::Head, m)
             .map_err(|e| ServeError::NotFound(e.to_string()))?;
@@ -386,60 +436,115 @@ where
 pub struct Handle {
     pub addr: SocketAddr,
     pub cloud: Arc<Cloud>,
+    health: tonic_health::server::HealthReporter,
+    drain: Duration,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
 }
 
+async fn set_health(health: &tonic_health::server::HealthReporter, status: tonic_health::ServingStatus) {
+    // "" is the whole server, as load balancers and grpc_health_probe ask by default.
+    for service in ["", "inference.GRPCInferenceService", "classynet.v1.Control"] {
+        health.set_service_status(service, status).await;
+    }
+}
+
 impl Handle {
-    /// Stops accepting, ends policy streams, lets in-flight calls finish (at most 10 s), and
-    /// waits for the server to end.
+    /// Reports NOT_SERVING, stops accepting, ends policy streams, lets in-flight calls finish
+    /// (at most `--shutdown-timeout-s`), and waits for the server to end.
     pub async fn stop(mut self) {
+        set_health(&self.health, tonic_health::ServingStatus::NotServing).await;
         self.cloud.stopping.send_replace(true);
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        if tokio::time::timeout(Duration::from_secs(10), &mut self.task).await.is_err() {
-            tracing::warn!("in-flight calls did not finish within 10 s; closing anyway");
+        if tokio::time::timeout(self.drain, &mut self.task).await.is_err() {
+            tracing::warn!("in-flight calls did not finish within {:?}; closing anyway", self.drain);
             self.task.abort();
         }
     }
 }
 
-/// Loads the model and serves on `config.listen` until `stop` is called on the handle.
+/// Largest request a client may send: a full batch of the largest per-sample input (image or
+/// cut tensor) in FP32, plus room for the envelope.
+fn message_limit(model: &Model, max_batch: usize) -> usize {
+    let mut shapes = vec![Some(model.meta.input.shape.clone())];
+    for e in &model.meta.exits {
+        if let Some(cut) = e.cut.as_deref() {
+            shapes.push(
+                model.tensor_shape(cut).and_then(|d| {
+                    d.iter().skip(1).map(|x| if let Dim::Fixed(n) = x { Some(*n) } else { None }).collect()
+                }),
+            );
+        }
+    }
+    let per_sample = shapes.iter().flatten().map(|s| s.iter().product::<usize>()).max().unwrap_or(1 << 16);
+    max_batch.max(1) * per_sample * 4 + (64 << 10)
+}
+
+/// Serves on `config.listen` at once (health says NOT_SERVING, other calls UNAVAILABLE), loads
+/// and warms the model, then reports SERVING (and READY=1 to systemd) and returns.
 pub async fn start(config: Config) -> anyhow::Result<Handle> {
-    let cfg = config.clone();
-    let cloud = tokio::task::spawn_blocking(move || Cloud::load(&cfg)).await??;
+    telemetry::recorder();
+    let tls = TlsFiles { cert: config.tls_cert.clone(), key: config.tls_key.clone(), ca: config.tls_ca.clone() };
+    let server_tls = tls.server()?;
     let listener = TcpListener::bind(&config.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
     let addr = listener.local_addr()?;
+    security::check_listener(&addr, server_tls.is_some(), config.insecure, "CLOUD_SERVER")?;
+    if let Some(m) = &config.metrics_listen {
+        telemetry::serve_metrics(m).await?;
+    }
+    let path = config.model.clone();
+    let model = tokio::task::spawn_blocking(move || Model::load(&path)).await??;
+    let limit = message_limit(&model, config.max_batch);
+    drop(model);
+
+    tracing::info!(%addr, "accepting connections; health is NOT_SERVING until the model is loaded and warm");
+    let slot: Slot = Arc::default();
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<GrpcInferenceServiceServer<InferenceApi>>().await;
-    health.set_serving::<ControlServer<ControlApi>>().await;
-    let limit = cloud.max_message_bytes();
-    let inference = GrpcInferenceServiceServer::new(InferenceApi(cloud.clone()))
+    set_health(&health, tonic_health::ServingStatus::NotServing).await;
+    let inference = GrpcInferenceServiceServer::new(InferenceApi(slot.clone()))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(usize::MAX);
-    let control = ControlServer::new(ControlApi(cloud.clone()));
-    if let Some(path) = config.policy.clone() {
-        tokio::spawn(watch_policy_file(cloud.clone(), path));
+    let control = ControlServer::new(ControlApi(slot.clone()));
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(t) = server_tls {
+        builder = builder.tls_config(t)?;
     }
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(health_service)
-            .add_service(inference)
-            .add_service(control)
-            .serve_with_incoming_shutdown(
-                // No Nagle: a batch's reply must not wait for a delayed ACK (40 ms on Linux).
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                async {
-                    let _ = rx.await;
-                },
-            ),
+        builder.add_service(health_service).add_service(inference).add_service(control).serve_with_incoming_shutdown(
+            // No Nagle: a batch's reply must not wait for a delayed ACK (40 ms on Linux).
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            async {
+                let _ = rx.await;
+            },
+        ),
     );
-    tracing::info!(%addr, model = %cloud.name, exits = cloud.model.num_exits(), max_message_bytes = limit, "cloud-server ready");
-    Ok(Handle { addr, cloud, shutdown: Some(tx), task })
+    let cfg = config.clone();
+    let cloud = match tokio::task::spawn_blocking(move || Cloud::load(&cfg)).await {
+        Ok(Ok(c)) => c,
+        failed => {
+            let _ = tx.send(());
+            let _ = task.await;
+            return Err(match failed {
+                Ok(Err(e)) => e,
+                Err(e) => anyhow::anyhow!("loading the model failed: {e}"),
+                Ok(Ok(_)) => unreachable!(),
+            });
+        }
+    };
+    let _ = slot.set(cloud.clone());
+    metrics::gauge!(telemetry::POLICY_VERSION, "side" => "cloud").set(cloud.policy_version() as f64);
+    if let Some(path) = config.policy.clone() {
+        tokio::spawn(watch_policy_file(cloud.clone(), path));
+    }
+    set_health(&health, tonic_health::ServingStatus::Serving).await;
+    tracing::info!(%addr, model = %cloud.name, exits = cloud.model.num_exits(), max_message_bytes = limit,
+        tls = tls.enabled(), mutual_tls = config.tls_ca.is_some(), "cloud-server ready");
+    Ok(Handle { addr, cloud, health, drain: Duration::from_secs(config.shutdown_timeout_s), shutdown: Some(tx), task })
 }
 
 /// Re-reads the policy file when its modification time changes or on SIGHUP.
@@ -477,24 +582,33 @@ async fn watch_policy_file(cloud: Arc<Cloud>, path: PathBuf) {
         match read_policy(&path) {
             Ok(file) => {
                 if let Err(e) = cloud.apply_policy(&file).await {
+                    metrics::counter!(telemetry::POLICY_REJECTIONS, "side" => "cloud").increment(1);
                     tracing::error!(file = %path.display(), "policy refused, the previous one stays in force: {e}");
+                } else {
+                    metrics::gauge!(telemetry::POLICY_VERSION, "side" => "cloud").set(cloud.policy_version() as f64);
                 }
             }
-            Err(e) => tracing::error!("policy refused, the previous one stays in force: {e}"),
+            Err(e) => {
+                metrics::counter!(telemetry::POLICY_REJECTIONS, "side" => "cloud").increment(1);
+                tracing::error!("policy refused, the previous one stays in force: {e}")
+            }
         }
     }
 }
 
-/// Runs the server until SIGINT or SIGTERM.
+/// Runs the server until SIGINT or SIGTERM, then drains (see [`Handle::stop`]).
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let handle = start(config).await?;
     println!("cloud-server listening on {}", handle.addr);
+    systemd::ready(&format!("serving {} on {}", handle.cloud.name, handle.addr));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
-    tracing::info!("shutting down");
+    tracing::info!("shutting down: NOT_SERVING, no new connections, finishing in-flight calls");
+    systemd::stopping("draining in-flight calls");
     handle.stop().await;
+    tracing::info!("stopped");
     Ok(())
 }

@@ -4,6 +4,6 @@ use clap::Parser;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = cloud_server::Config::parse();
-    cloud_server::init_logging();
+    cloud_server::init_logging(config.log_format);
     cloud_server::run(config).await
 }

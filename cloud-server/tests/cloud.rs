@@ -30,6 +30,13 @@ fn config(model: PathBuf) -> cloud_server::Config {
         max_queue: 256,
         threads: 1,
         ort_lib: None,
+        tls_cert: None,
+        tls_key: None,
+        tls_ca: None,
+        insecure: false,
+        metrics_listen: None,
+        log_format: Default::default(),
+        shutdown_timeout_s: 10,
     }
 }
 

@@ -35,7 +35,9 @@ use classynet_serving::batcher::{BatchConfig, Batcher, Finisher, Origin, Served}
 use classynet_serving::codec::{
     self, string_param, Payload, WireDtype, PARAM_CUT, PARAM_FINGERPRINT, PARAM_POLICY_VERSION,
 };
-use classynet_serving::{ServeError, ServeResult};
+use classynet_serving::security::{self, BearerAuth, TlsFiles};
+use classynet_serving::telemetry::{self, LogFormat};
+use classynet_serving::{systemd, ServeError, ServeResult};
 use prost::Message;
 use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
@@ -84,6 +86,35 @@ pub struct Config {
     /// Path of libonnxruntime.so (default: ORT_DYLIB_PATH, the project's .venv, the system).
     #[arg(long, env = "EDGE_AGENT_ORT_LIB")]
     pub ort_lib: Option<PathBuf>,
+    /// PEM certificate of this edge: its client identity towards the cloud (mutual TLS) and the
+    /// certificate of its own local listener.
+    #[arg(long, env = "EDGE_AGENT_TLS_CERT", value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "EDGE_AGENT_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA that signed the cloud's certificate; turns on TLS towards the cloud.
+    #[arg(long, env = "EDGE_AGENT_TLS_CA", value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// Name checked in the cloud's certificate (default: the host of --server).
+    #[arg(long, env = "EDGE_AGENT_TLS_SERVER_NAME", value_name = "NAME")]
+    pub tls_server_name: Option<String>,
+    /// Allow a non-loopback --listen without TLS (refused otherwise).
+    #[arg(long, env = "EDGE_AGENT_INSECURE")]
+    pub insecure: bool,
+    /// Bearer token every call to the local v2 API must carry (`authorization: Bearer TOKEN`).
+    #[arg(long, env = "EDGE_AGENT_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+    /// Address of the Prometheus endpoint (GET /metrics), e.g. 127.0.0.1:9102; off when not given.
+    #[arg(long, env = "EDGE_AGENT_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
+    /// Log format on stderr: text, or json (one object per line, for log shippers).
+    #[arg(long, env = "EDGE_AGENT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// On SIGTERM or SIGINT: seconds accepted requests get to be answered (by the cloud, or
+    /// degraded) before the agent exits anyway.
+    #[arg(long, env = "EDGE_AGENT_SHUTDOWN_TIMEOUT_S", default_value_t = 10)]
+    pub shutdown_timeout_s: u64,
     #[command(subcommand)]
     pub command: Option<Verb>,
 }
@@ -125,10 +156,8 @@ pub enum Verb {
     },
 }
 
-pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+pub fn init_logging(format: LogFormat) {
+    telemetry::init_logging(format);
 }
 
 /// Counters of what the edge did.
@@ -154,6 +183,14 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 impl CloudLink {
+    fn dtype_label(&self) -> &'static str {
+        match self.dtype {
+            WireDtype::Fp32 => "fp32",
+            WireDtype::Fp16 => "fp16",
+            WireDtype::Int8 => "int8",
+        }
+    }
+
     fn is_down(&self) -> bool {
         matches!(*self.down_until.lock().expect("no code panics while holding the link state lock"), Some(t) if Instant::now() < t)
     }
@@ -190,14 +227,25 @@ pub struct Edge {
     /// can start under the cloud's policy instead of switching to it part-way.
     policy_seen: tokio::sync::watch::Sender<bool>,
     server: Option<String>,
+    cloud: Option<Endpoint>,
 }
 
-fn endpoint(addr: &str) -> String {
-    if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
+/// The cloud's endpoint: https with the TLS settings when a CA is given, http otherwise.
+fn cloud_endpoint(config: &Config) -> anyhow::Result<Option<Endpoint>> {
+    let Some(addr) = &config.server else { return Ok(None) };
+    let tls = TlsFiles { cert: config.tls_cert.clone(), key: config.tls_key.clone(), ca: config.tls_ca.clone() };
+    // The edge's own certificate alone does not turn on TLS to the cloud: that needs the CA.
+    let client_tls = if config.tls_ca.is_some() { tls.client(config.tls_server_name.as_deref())? } else { None };
+    let scheme = if client_tls.is_some() { "https" } else { "http" };
+    let uri = match addr.split_once("://") {
+        Some((_, rest)) => format!("{scheme}://{rest}"),
+        None => format!("{scheme}://{addr}"),
+    };
+    let mut ep = Endpoint::from_shared(uri.clone()).map_err(|e| anyhow::anyhow!("--server {addr}: {e}"))?;
+    if let Some(t) = client_tls {
+        ep = ep.tls_config(t).map_err(|e| anyhow::anyhow!("TLS settings for {uri}: {e}"))?;
     }
+    Ok(Some(ep.connect_timeout(Duration::from_millis(config.cloud_timeout_ms))))
 }
 
 /// Finds the head this edge runs: from a local file (full model or head partition), or from the
@@ -235,10 +283,12 @@ async fn load_head(config: &Config) -> anyhow::Result<(Model, usize)> {
         return Ok((Model::from_bytes(&head.encode_to_vec(), &format!("{} head E{k}", path.display()))?, k));
     }
     let server = config.server.as_deref().ok_or_else(|| anyhow::anyhow!("give --model FILE or --server ADDR"))?;
+    let ep = cloud_endpoint(config)?.expect("--server is set");
     let partition = config.partition.clone().ok_or_else(|| {
         anyhow::anyhow!("downloading the head from the cloud needs --partition Ek (--memory-budget needs --model)")
     })?;
-    let mut client = ControlClient::connect(endpoint(server)).await?;
+    let channel = ep.connect().await.map_err(|e| anyhow::anyhow!("cannot reach the cloud at {server}: {e:?}"))?;
+    let mut client = ControlClient::new(channel);
     let mut stream = client.get_partition(GetPartitionRequest { partition: partition.clone() }).await?.into_inner();
     let mut bytes = Vec::new();
     while let Some(chunk) = stream.next().await {
@@ -276,10 +326,9 @@ impl Edge {
         dims.extend(&head.meta.input.shape);
         worker.run(Tensor { shape: dims, data: vec![0.0; n] }).await?; // warm-up
         let worker = Arc::new(worker);
-        let client = match &config.server {
-            Some(s) if k < m => {
-                let ep =
-                    Endpoint::from_shared(endpoint(s))?.connect_timeout(Duration::from_millis(config.cloud_timeout_ms));
+        let cloud = cloud_endpoint(config)?;
+        let client = match &cloud {
+            Some(ep) if k < m => {
                 Some(GrpcInferenceServiceClient::new(ep.connect_lazy()).max_decoding_message_size(usize::MAX))
             }
             _ => None,
@@ -293,13 +342,18 @@ impl Edge {
         });
         let stats = Arc::new(Stats::default());
         let policy_version = Arc::new(AtomicU64::new(0));
-        let finisher = forwarder(link, stats.clone(), k, head.fingerprint.clone(), policy_version.clone());
+        let names = Arc::new(Names {
+            exits: head.meta.exits.iter().map(|e| e.name.clone()).collect(),
+            classes: head.meta.classes.clone(),
+        });
+        let finisher = forwarder(link, stats.clone(), k, head.fingerprint.clone(), policy_version.clone(), names);
         let batcher = Batcher::spawn_with(
             worker.clone(),
             BatchConfig {
                 max_batch: config.max_batch.max(1),
                 max_delay: Duration::from_millis(config.max_delay_ms),
                 max_queue: config.max_queue.max(config.max_batch),
+                side: "edge",
             },
             finisher,
         );
@@ -312,6 +366,7 @@ impl Edge {
             policy_version,
             policy_seen: tokio::sync::watch::Sender::new(false),
             server: config.server.clone(),
+            cloud,
         });
         // Also with every exit on the edge: the cloud still owns the class sets and thresholds.
         if edge.server.is_some() {
@@ -376,14 +431,14 @@ impl Edge {
 
 /// Keeps a WatchPolicy stream open, applying every update; reconnects with backoff.
 async fn watch_policy(weak: std::sync::Weak<Edge>) {
-    let Some(server) = weak.upgrade().and_then(|e| e.server.clone()) else { return };
+    let Some((server, ep)) = weak.upgrade().and_then(|e| e.server.clone().zip(e.cloud.clone())) else { return };
     let mut backoff = BACKOFF_MIN;
     loop {
         let Some(edge) = weak.upgrade() else { return };
         let fingerprint = edge.head.fingerprint.clone();
         drop(edge);
         let attempt = async {
-            let mut client = ControlClient::connect(endpoint(&server)).await.map_err(|e| e.to_string())?;
+            let mut client = ControlClient::new(ep.connect().await.map_err(|e| format!("{e:?}"))?);
             let mut stream = client
                 .watch_policy(WatchPolicyRequest { fingerprint })
                 .await
@@ -393,8 +448,14 @@ async fn watch_policy(weak: std::sync::Weak<Edge>) {
                 let update = update.map_err(|e| e.message().to_string())?;
                 let Some(edge) = weak.upgrade() else { return Ok(()) };
                 match edge.apply_policy(&update.policy_json).await {
-                    Ok(v) => tracing::info!(version = v, "exit policy from the cloud in force"),
-                    Err(e) => tracing::error!(version = update.version, "policy refused, the previous one stays: {e}"),
+                    Ok(v) => {
+                        metrics::gauge!(telemetry::POLICY_VERSION, "side" => "edge").set(v as f64);
+                        tracing::info!(version = v, "exit policy from the cloud in force")
+                    }
+                    Err(e) => {
+                        metrics::counter!(telemetry::POLICY_REJECTIONS, "side" => "edge").increment(1);
+                        tracing::error!(version = update.version, "policy refused, the previous one stays: {e}")
+                    }
                 }
                 edge.policy_seen.send_replace(true);
             }
@@ -419,10 +480,57 @@ fn forwarder(
     k: usize,
     fingerprint: String,
     version: Arc<AtomicU64>,
+    names: Arc<Names>,
 ) -> Finisher {
-    Arc::new(move |mut outcome: BatchOutcome| {
+    Arc::new(move |outcome: BatchOutcome| {
         let (link, stats, fingerprint, version) = (link.clone(), stats.clone(), fingerprint.clone(), version.clone());
+        let names = names.clone();
         Box::pin(async move {
+            let served = finish_batch(outcome, &link, &stats, k, &fingerprint, &version).await;
+            if let Ok(s) = &served {
+                names.count(s);
+            }
+            served
+        })
+    })
+}
+
+/// Exit and class names, for metric labels.
+struct Names {
+    exits: Vec<String>,
+    classes: Vec<String>,
+}
+
+impl Names {
+    fn count(&self, served: &Served) {
+        for (r, o) in served.outcome.results.iter().zip(&served.origin) {
+            if let SampleResult::Answered(a) = r {
+                let place = match o {
+                    Origin::Local => "edge",
+                    Origin::Remote => "cloud",
+                    Origin::Degraded => "degraded",
+                };
+                let exit = self.exits.get(a.exit).cloned().unwrap_or_else(|| format!("E{}", a.exit + 1));
+                let class = self.classes.get(a.class as usize).cloned().unwrap_or_else(|| a.class.to_string());
+                metrics::counter!(telemetry::ANSWERED, "side" => "edge", "where" => place, "exit" => exit, "class" => class)
+                    .increment(1);
+            }
+        }
+    }
+}
+
+/// Answers what the head decided, forwards the survivors in one ModelInfer, and falls back to
+/// the deepest local exit (degraded) when the cloud does not answer.
+async fn finish_batch(
+    mut outcome: BatchOutcome,
+    link: &CloudLink,
+    stats: &Stats,
+    k: usize,
+    fingerprint: &str,
+    version: &AtomicU64,
+) -> ServeResult<Served> {
+    {
+        {
             let mut origin = vec![Origin::Local; outcome.results.len()];
             let Some(fwd) = outcome.forward.take() else {
                 stats.edge.fetch_add(origin.len() as u64, Ordering::Relaxed);
@@ -434,10 +542,13 @@ fn forwarder(
                 (Some(client), false) => {
                     let (input, raw) = codec::encode_tensor("cut", &fwd.cut, link.dtype);
                     stats.wire_bytes.fetch_add(raw.len() as u64, Ordering::Relaxed);
+                    metrics::counter!(telemetry::WIRE_BYTES, "side" => "edge", "dtype" => link.dtype_label())
+                        .increment(raw.len() as u64);
+                    let bytes = raw.len();
                     let req = ModelInferRequest {
                         parameters: [
                             (PARAM_CUT.to_string(), string_param(format!("E{k}"))),
-                            (PARAM_FINGERPRINT.to_string(), string_param(fingerprint.clone())),
+                            (PARAM_FINGERPRINT.to_string(), string_param(fingerprint.to_string())),
                             (PARAM_POLICY_VERSION.to_string(), codec::int_param(version.load(Ordering::SeqCst) as i64)),
                         ]
                         .into(),
@@ -446,10 +557,29 @@ fn forwarder(
                         ..Default::default()
                     };
                     let mut client = client.clone();
-                    match tokio::time::timeout(link.timeout, client.model_infer(req)).await {
+                    // W3C trace context: the cloud logs its work on this batch under the same trace.
+                    let traceparent = telemetry::new_traceparent();
+                    let trace_id = telemetry::trace_id(&traceparent).unwrap_or("").to_string();
+                    let mut request = tonic::Request::new(req);
+                    if let Ok(v) = traceparent.parse() {
+                        request.metadata_mut().insert("traceparent", v);
+                    }
+                    tracing::debug!(trace_id, samples = fwd.rows.len(), bytes, cut = k, "forwarding to the cloud");
+                    let sent = Instant::now();
+                    match tokio::time::timeout(link.timeout, client.model_infer(request)).await {
                         Ok(Ok(resp)) => match codec::read_answers(resp.get_ref()) {
                             Ok(a) if a.len() == fwd.rows.len() => {
                                 link.succeeded();
+                                let rtt = sent.elapsed().as_secs_f64();
+                                let server = codec::param_int(&resp.get_ref().parameters, codec::PARAM_SERVER_MICROS)
+                                    .map(|us| us as f64 / 1e6)
+                                    .unwrap_or(0.0)
+                                    .min(rtt);
+                                metrics::histogram!(telemetry::STAGE_SECONDS, "side" => "edge", "stage" => "cloud")
+                                    .record(server);
+                                metrics::histogram!(telemetry::STAGE_SECONDS, "side" => "edge", "stage" => "network")
+                                    .record(rtt - server);
+                                tracing::debug!(trace_id, rtt, server, "answered by the cloud");
                                 Some(a)
                             }
                             Ok(a) => {
@@ -505,8 +635,8 @@ fn forwarder(
                 }
             }
             Ok(Served { outcome, origin })
-        })
-    })
+        }
+    }
 }
 
 /// Awaits all futures concurrently, keeping their order.
@@ -522,7 +652,16 @@ where
     out
 }
 
-struct LocalApi(Arc<Edge>);
+/// Filled once the head is loaded and warm; until then calls are UNAVAILABLE.
+type EdgeSlot = Arc<std::sync::OnceLock<Arc<Edge>>>;
+
+struct LocalApi(EdgeSlot);
+
+impl LocalApi {
+    fn edge(&self) -> Result<&Arc<Edge>, Status> {
+        self.0.get().ok_or_else(|| Status::unavailable("edge-agent is warming up: the head is still loading"))
+    }
+}
 
 #[tonic::async_trait]
 impl GrpcInferenceService for LocalApi {
@@ -533,7 +672,7 @@ impl GrpcInferenceService for LocalApi {
         Ok(Response::new(ServerReadyResponse { ready: true }))
     }
     async fn model_ready(&self, r: Request<ModelReadyRequest>) -> Result<Response<ModelReadyResponse>, Status> {
-        Ok(Response::new(ModelReadyResponse { ready: r.get_ref().name == self.0.head.name() }))
+        Ok(Response::new(ModelReadyResponse { ready: self.0.get().is_some_and(|e| r.get_ref().name == e.head.name()) }))
     }
     async fn server_metadata(
         &self,
@@ -545,11 +684,11 @@ impl GrpcInferenceService for LocalApi {
         &self,
         r: Request<ModelMetadataRequest>,
     ) -> Result<Response<ModelMetadataResponse>, Status> {
-        let head = &self.0.head;
+        let head = &self.edge()?.head;
         Ok(Response::new(codec::model_metadata(head, head.name(), &r.get_ref().name)?))
     }
     async fn model_infer(&self, r: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
-        let e = &self.0;
+        let e = self.edge()?;
         let req = r.into_inner();
         let run = async {
             if !req.model_name.is_empty() && req.model_name != e.head.name() {
@@ -583,7 +722,10 @@ impl GrpcInferenceService for LocalApi {
             }
             Ok(resp)
         };
-        run.await.map(Response::new).map_err(Status::from)
+        let out = run.await;
+        metrics::counter!(telemetry::REQUESTS, "side" => "edge", "outcome" => if out.is_ok() { "ok" } else { "error" })
+            .increment(1);
+        out.map(Response::new).map_err(Status::from)
     }
 }
 
@@ -591,45 +733,76 @@ impl GrpcInferenceService for LocalApi {
 pub struct Handle {
     pub addr: std::net::SocketAddr,
     pub edge: Arc<Edge>,
+    health: tonic_health::server::HealthReporter,
+    drain: Duration,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
 }
 
-impl Handle {
-    pub async fn stop(mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        let _ = self.task.await;
+async fn set_health(health: &tonic_health::server::HealthReporter, status: tonic_health::ServingStatus) {
+    for service in ["", "inference.GRPCInferenceService"] {
+        health.set_service_status(service, status).await;
     }
 }
 
-/// Loads the edge and serves the local v2 API on `config.listen`.
-pub async fn start(config: Config) -> anyhow::Result<Handle> {
-    let edge = Edge::load(&config).await?;
-    serve(edge, &config.listen).await
+impl Handle {
+    /// Reports NOT_SERVING, stops accepting, and waits (at most `--shutdown-timeout-s`) until
+    /// every accepted request is answered: by the cloud, or degraded when it is gone.
+    pub async fn stop(mut self) {
+        set_health(&self.health, tonic_health::ServingStatus::NotServing).await;
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if tokio::time::timeout(self.drain, &mut self.task).await.is_err() {
+            tracing::warn!("requests still unanswered after {:?}; closing anyway", self.drain);
+            self.task.abort();
+        }
+    }
 }
 
-async fn serve(edge: Arc<Edge>, listen: &str) -> anyhow::Result<Handle> {
+/// Serves the local v2 API on `config.listen` at once (health NOT_SERVING), loads and warms
+/// the head, then reports SERVING and returns.
+pub async fn start(config: Config) -> anyhow::Result<Handle> {
+    telemetry::recorder();
+    let tls = TlsFiles { cert: config.tls_cert.clone(), key: config.tls_key.clone(), ca: None };
+    let server_tls = tls.server()?;
+    let listen = &config.listen;
     let listener = TcpListener::bind(listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
     let addr = listener.local_addr()?;
+    security::check_listener(&addr, server_tls.is_some(), config.insecure, "EDGE_AGENT")?;
+    if let Some(m) = &config.metrics_listen {
+        telemetry::serve_metrics(m).await?;
+    }
+    tracing::info!(%addr, "accepting connections; health is NOT_SERVING until the head is loaded and warm");
+    let slot: EdgeSlot = Arc::default();
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<GrpcInferenceServiceServer<LocalApi>>().await;
+    set_health(&health, tonic_health::ServingStatus::NotServing).await;
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(t) = server_tls {
+        builder = builder.tls_config(t)?;
+    }
+    let api =
+        GrpcInferenceServiceServer::with_interceptor(LocalApi(slot.clone()), BearerAuth::new(config.api_token.clone()));
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(health_service)
-            .add_service(GrpcInferenceServiceServer::new(LocalApi(edge.clone())))
-            .serve_with_incoming_shutdown(
-                // No Nagle: a batch's reply must not wait for a delayed ACK (40 ms on Linux).
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                async {
-                    let _ = rx.await;
-                },
-            ),
-    );
-    tracing::info!(%addr, partition = edge.k, "edge-agent ready");
-    Ok(Handle { addr, edge, shutdown: Some(tx), task })
+    let task = tokio::spawn(builder.add_service(health_service).add_service(api).serve_with_incoming_shutdown(
+        // No Nagle: a batch's reply must not wait for a delayed ACK (40 ms on Linux).
+        tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+        async {
+            let _ = rx.await;
+        },
+    ));
+    let edge = match Edge::load(&config).await {
+        Ok(e) => e,
+        Err(e) => {
+            let _ = tx.send(());
+            let _ = task.await;
+            return Err(e);
+        }
+    };
+    let _ = slot.set(edge.clone());
+    set_health(&health, tonic_health::ServingStatus::Serving).await;
+    tracing::info!(%addr, partition = edge.k, tls = tls.enabled(), "edge-agent ready");
+    Ok(Handle { addr, edge, health, drain: Duration::from_secs(config.shutdown_timeout_s), shutdown: Some(tx), task })
 }
 
 /// Runs the agent: the classify verb, or the local server until SIGINT/SIGTERM.
@@ -648,12 +821,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         None => {
             let handle = start(config).await?;
             println!("edge-agent listening on {}", handle.addr);
+            systemd::ready(&format!("serving partition E{} on {}", handle.edge.k, handle.addr));
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}
             }
+            tracing::info!("shutting down: NOT_SERVING, no new connections, answering accepted requests");
+            systemd::stopping("answering accepted requests");
             handle.stop().await;
+            tracing::info!("stopped");
             Ok(())
         }
     }

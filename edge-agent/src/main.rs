@@ -4,7 +4,7 @@ use clap::Parser;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let config = edge_agent::Config::parse();
-    edge_agent::init_logging();
+    edge_agent::init_logging(config.log_format);
     match edge_agent::run(config).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -32,6 +32,13 @@ fn cloud_config(model: PathBuf, listen: &str, policy: Option<PathBuf>) -> cloud_
         max_queue: 4096,
         threads: 1,
         ort_lib: None,
+        tls_cert: None,
+        tls_key: None,
+        tls_ca: None,
+        insecure: false,
+        metrics_listen: None,
+        log_format: Default::default(),
+        shutdown_timeout_s: 10,
     }
 }
 
@@ -49,6 +56,15 @@ fn edge_config(model: Option<PathBuf>, partition: &str, server: String) -> Confi
         cloud_timeout_ms: 1000,
         threads: 1,
         ort_lib: None,
+        tls_cert: None,
+        tls_key: None,
+        tls_ca: None,
+        tls_server_name: None,
+        insecure: false,
+        api_token: None,
+        metrics_listen: None,
+        log_format: Default::default(),
+        shutdown_timeout_s: 10,
         command: None,
     }
 }

@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::exit::{Policy, PolicyFile};
 use crate::format::PartitionRole;
 use crate::model::{fmt_dims, Model};
-use crate::ort_backend::{init_ort, OrtBackend, OrtGraph, SessionOptions};
+use crate::ort_backend::{init_ort, OrtBackend, OrtGraph, Provider, SessionOptions};
 use crate::partition::{extract_side, segments, Side};
 use crate::planner::{choose, human, parse_size, plan, Formula};
 use crate::report::RunReport;
@@ -37,6 +37,12 @@ pub struct Cli {
     /// serving requests), more cut latency.
     #[arg(long, global = true, env = "CLASSYNET_THREADS", default_value_t = 0)]
     pub threads: usize,
+
+    /// ONNX Runtime execution provider. cuda and tensorrt need an ONNX Runtime built with them
+    /// (the PyPI wheel is CPU-only); when the library lacks one, or it cannot start, sessions run
+    /// on the CPU and a warning says why.
+    #[arg(long, global = true, env = "CLASSYNET_EXECUTION_PROVIDER", value_enum, default_value_t = Provider::Cpu)]
+    pub execution_provider: Provider,
 
     /// More log output (info; -vv debug). RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
@@ -209,7 +215,7 @@ fn init_logging(verbose: u8) {
 }
 
 fn dispatch(cli: &Cli) -> Result<std::process::ExitCode> {
-    let opts = SessionOptions::default();
+    let opts = SessionOptions { provider: cli.execution_provider, ..SessionOptions::default() };
     let threads = cli.threads;
     match &cli.command {
         Command::Inspect(a) => inspect(a).map(|_| std::process::ExitCode::SUCCESS),

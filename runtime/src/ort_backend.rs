@@ -9,11 +9,12 @@
 use std::collections::HashMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use classynet_proto::onnx;
 use ort::environment::{Environment, GlobalThreadPoolOptions};
-use ort::session::builder::GraphOptimizationLevel;
+use ort::ep::{self, ExecutionProvider};
+use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::session::Session;
 use ort::value::TensorRef;
 use prost::Message;
@@ -123,6 +124,142 @@ fn venv_library() -> Option<PathBuf> {
 pub struct SessionOptions {
     /// Graph optimisation off, for debugging numerical differences (default: all levels on).
     pub no_optimization: bool,
+    /// Which ONNX Runtime execution provider runs the graphs (default: the CPU). A provider the
+    /// loaded library lacks falls back to the CPU with a warning; see [`Provider`].
+    pub provider: Provider,
+}
+
+/// An ONNX Runtime execution provider to run sessions on.
+///
+/// CUDA and TensorRT are registered with the session when asked for; when the loaded
+/// `libonnxruntime.so` was built without them (the PyPI `onnxruntime` wheel is CPU-only), or
+/// registering them fails (no GPU, missing CUDA/cuDNN/TensorRT libraries), the session runs on the
+/// CPU and a warning, once per process and reason, names the provider and the reason.
+/// [`OrtGraph::provider`] tells which provider a session actually got.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum Provider {
+    /// ONNX Runtime's CPU execution provider.
+    #[default]
+    Cpu,
+    /// NVIDIA CUDA (CUDAExecutionProvider); needs an ONNX Runtime built with CUDA.
+    Cuda,
+    /// NVIDIA TensorRT (TensorrtExecutionProvider), with CUDA for the nodes TensorRT does not take;
+    /// needs an ONNX Runtime built with TensorRT. Falls back to CUDA, then to the CPU.
+    #[value(name = "tensorrt")]
+    TensorRt,
+}
+
+impl Provider {
+    /// The name used on the command line (`cpu`, `cuda`, `tensorrt`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provider::Cpu => "cpu",
+            Provider::Cuda => "cuda",
+            Provider::TensorRt => "tensorrt",
+        }
+    }
+
+    /// ONNX Runtime's name for the provider (`CUDAExecutionProvider`, ...).
+    pub fn ort_name(self) -> &'static str {
+        match self {
+            Provider::Cpu => "CPUExecutionProvider",
+            Provider::Cuda => ep::CUDA::NAME,
+            Provider::TensorRt => ep::TensorRT::NAME,
+        }
+    }
+
+    /// Whether the loaded ONNX Runtime library was built with this provider (it may still fail
+    /// to register, without a GPU or its libraries). [`init_ort`] must have succeeded first.
+    pub fn is_available(self) -> Result<bool> {
+        environment()?;
+        let be = |e: ort::Error| Error::Backend(e.to_string());
+        match self {
+            Provider::Cpu => Ok(true),
+            Provider::Cuda => ep::CUDA::is_available().map_err(be),
+            Provider::TensorRt => ep::TensorRT::is_available().map_err(be),
+        }
+    }
+
+    /// Registers this provider (not the CPU, which is always there) on `builder`.
+    fn register(self, builder: &mut SessionBuilder) -> std::result::Result<(), String> {
+        let available = match self {
+            Provider::Cpu => return Ok(()),
+            Provider::Cuda => ep::CUDA::is_available(),
+            Provider::TensorRt => ep::TensorRT::is_available(),
+        };
+        match available {
+            Ok(true) => {}
+            Ok(false) => {
+                let lib = LOADED.get().and_then(|l| l.as_ref().ok()).map(|(p, _)| p.display().to_string());
+                return Err(format!(
+                    "the ONNX Runtime library {} was built without it (a CPU-only build, such as the PyPI onnxruntime \
+                     wheel)",
+                    lib.unwrap_or_default()
+                ));
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+        let registered = match self {
+            Provider::Cpu => Ok(()),
+            Provider::Cuda => ep::CUDA::default().register(builder),
+            Provider::TensorRt => ep::TensorRT::default().register(builder),
+        };
+        registered.map_err(|e| e.to_string())
+    }
+}
+
+impl std::fmt::Display for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Warns once per process about each (provider, reason) pair: a segmented model opens one session
+/// per exit group and would otherwise repeat the same warning for each.
+fn warn_fallback(provider: Provider, to: Provider, reason: &str) {
+    static SEEN: Mutex<Vec<(Provider, String)>> = Mutex::new(Vec::new());
+    let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
+    if seen.iter().any(|(p, r)| *p == provider && r == reason) {
+        return;
+    }
+    seen.push((provider, reason.to_string()));
+    tracing::warn!(
+        provider = provider.as_str(),
+        execution_provider = provider.ort_name(),
+        "{} execution provider unavailable, falling back to {}: {reason}",
+        provider.ort_name(),
+        to.ort_name()
+    );
+}
+
+/// Registers `wanted` on `builder`, falling back (TensorRT to CUDA, then to the CPU) with a
+/// warning; returns the provider the session will run on.
+fn register_provider(builder: &mut SessionBuilder, wanted: Provider) -> Provider {
+    let mut next = Some(wanted);
+    while let Some(p) = next {
+        let fallback = match p {
+            Provider::TensorRt => Provider::Cuda,
+            _ => Provider::Cpu,
+        };
+        match p.register(builder) {
+            Ok(()) => {
+                if p == Provider::TensorRt {
+                    // TensorRT leaves the nodes it cannot compile to the next provider; CUDA keeps
+                    // them on the GPU. Without CUDA they go to the CPU, which is correct too.
+                    if let Err(e) = Provider::Cuda.register(builder) {
+                        tracing::debug!(reason = %e, "TensorRT without CUDA: nodes TensorRT does not take run on the CPU");
+                    }
+                }
+                tracing::debug!(provider = p.as_str(), "registered the execution provider");
+                return p;
+            }
+            Err(reason) => {
+                warn_fallback(p, fallback, &reason);
+                next = (fallback != Provider::Cpu).then_some(fallback);
+            }
+        }
+    }
+    Provider::Cpu
 }
 
 /// One ONNX Runtime session over a whole graph; outputs come back in graph output order.
@@ -130,6 +267,7 @@ pub struct OrtGraph {
     session: Session,
     input: String,
     outputs: Vec<String>,
+    provider: Provider,
 }
 
 impl OrtGraph {
@@ -140,18 +278,40 @@ impl OrtGraph {
     }
 
     /// Builds a session from serialized model bytes.
+    ///
+    /// A provider other than the CPU that cannot be registered, or whose session cannot be
+    /// created, falls back to the CPU with a warning (see [`Provider`]).
     pub fn from_bytes(bytes: &[u8], opts: SessionOptions) -> Result<OrtGraph> {
         let be = |e: ort::Error| Error::Backend(e.to_string());
         let level = if opts.no_optimization { GraphOptimizationLevel::Disable } else { GraphOptimizationLevel::All };
-        let session = Session::builder(environment()?)
-            .map_err(be)?
-            .with_optimization_level(level)
-            .map_err(|e| Error::Backend(e.to_string()))?
-            .commit_from_memory(bytes)
-            .map_err(be)?;
+        let builder = || -> Result<SessionBuilder> {
+            Session::builder(environment()?)
+                .map_err(be)?
+                .with_optimization_level(level)
+                .map_err(|e| Error::Backend(e.to_string()))
+        };
+        let mut b = builder()?;
+        let mut provider = register_provider(&mut b, opts.provider);
+        let session = match b.commit_from_memory(bytes) {
+            Ok(s) => s,
+            Err(e) if provider != Provider::Cpu => {
+                // Registered, but the provider could not build this graph (a missing CUDA library
+                // is often only found here): the CPU can.
+                warn_fallback(provider, Provider::Cpu, &format!("creating the session failed: {e}"));
+                provider = Provider::Cpu;
+                builder()?.commit_from_memory(bytes).map_err(be)?
+            }
+            Err(e) => return Err(be(e)),
+        };
         let input = session.inputs().first().map(|i| i.name().to_string()).unwrap_or_default();
         let outputs = session.outputs().iter().map(|o| o.name().to_string()).collect();
-        Ok(OrtGraph { session, input, outputs })
+        Ok(OrtGraph { session, input, outputs, provider })
+    }
+
+    /// The execution provider this session runs on: the one asked for in [`SessionOptions`], or
+    /// the one it fell back to.
+    pub fn provider(&self) -> Provider {
+        self.provider
     }
 
     /// Names of the outputs, in the order [`OrtGraph::run`] returns them.

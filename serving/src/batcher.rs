@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::error::{ServeError, ServeResult};
+use crate::telemetry;
 
 /// Where a sample's answer came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +47,7 @@ pub type Finisher =
 
 struct Item {
     input: Tensor,
+    enqueued: Instant,
     reply: oneshot::Sender<ServeResult<Served>>,
     _permit: OwnedSemaphorePermit,
 }
@@ -57,6 +59,7 @@ pub struct Batcher {
     permits: Arc<Semaphore>,
     max_batch: usize,
     max_queue: usize,
+    side: &'static str,
 }
 
 /// Batching limits.
@@ -68,6 +71,8 @@ pub struct BatchConfig {
     pub max_delay: Duration,
     /// Most samples admitted and not yet answered.
     pub max_queue: usize,
+    /// `side` label of this batcher's metrics: "edge" or "cloud".
+    pub side: &'static str,
 }
 
 impl Batcher {
@@ -85,13 +90,9 @@ impl Batcher {
     /// Starts the actor with a batch-level finisher.
     pub fn spawn_with(worker: Arc<Worker>, cfg: BatchConfig, finish: Finisher) -> Batcher {
         let (tx, rx) = mpsc::channel(1024);
-        tokio::spawn(run_actor(rx, worker, cfg, finish));
-        Batcher {
-            tx,
-            permits: Arc::new(Semaphore::new(cfg.max_queue)),
-            max_batch: cfg.max_batch,
-            max_queue: cfg.max_queue,
-        }
+        let permits = Arc::new(Semaphore::new(cfg.max_queue));
+        tokio::spawn(run_actor(rx, worker, cfg, finish, permits.clone()));
+        Batcher { tx, permits, max_batch: cfg.max_batch, max_queue: cfg.max_queue, side: cfg.side }
     }
 
     /// Largest request (in samples) this batcher takes.
@@ -116,16 +117,25 @@ impl Batcher {
                 self.max_queue
             ))
         })?;
+        metrics::gauge!(telemetry::QUEUE_DEPTH, "side" => self.side)
+            .set((self.max_queue - self.permits.available_permits()) as f64);
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Item { input, reply, _permit: permit })
+            .send(Item { input, enqueued: Instant::now(), reply, _permit: permit })
             .await
             .map_err(|_| ServeError::Unavailable("the batcher has stopped".into()))?;
         rx.await.map_err(|_| ServeError::Unavailable("the batch was dropped before it ran".into()))?
     }
 }
 
-async fn run_actor(mut rx: mpsc::Receiver<Item>, worker: Arc<Worker>, cfg: BatchConfig, finish: Finisher) {
+async fn run_actor(
+    mut rx: mpsc::Receiver<Item>,
+    worker: Arc<Worker>,
+    cfg: BatchConfig,
+    finish: Finisher,
+    permits: Arc<Semaphore>,
+) {
+    let side = cfg.side;
     let mut carry: Option<Item> = None;
     loop {
         let first = match carry.take() {
@@ -152,11 +162,23 @@ async fn run_actor(mut rx: mpsc::Receiver<Item>, worker: Arc<Worker>, cfg: Batch
             }
         }
         let batch = concat(items.iter().map(|i| &i.input));
+        let queued = metrics::histogram!(telemetry::STAGE_SECONDS, "side" => side, "stage" => "queue");
+        for item in &items {
+            queued.record(item.enqueued.elapsed().as_secs_f64());
+        }
+        metrics::histogram!(telemetry::BATCH_SIZE, "side" => side).record(rows as f64);
         let worker = worker.clone();
         // The worker thread runs batches in order; awaiting here would stop collecting, and
         // the finisher's round trip would stall the next batch.
-        let pending = tokio::spawn(async move { worker.run(batch).await });
+        let pending = tokio::spawn(async move {
+            let t = Instant::now();
+            let out = worker.run(batch).await;
+            metrics::histogram!(telemetry::STAGE_SECONDS, "side" => side, "stage" => "compute")
+                .record(t.elapsed().as_secs_f64());
+            out
+        });
         let finish = finish.clone();
+        let (permits, max_queue) = (permits.clone(), cfg.max_queue);
         tokio::spawn(async move {
             let outcome = match pending.await {
                 Ok(Ok(o)) => finish(o).await,
@@ -164,6 +186,9 @@ async fn run_actor(mut rx: mpsc::Receiver<Item>, worker: Arc<Worker>, cfg: Batch
                 Err(e) => Err(ServeError::Unavailable(format!("inference task failed: {e}"))),
             };
             split(outcome, items);
+            // The items (and their permits) are gone now.
+            metrics::gauge!(telemetry::QUEUE_DEPTH, "side" => side)
+                .set((max_queue - permits.available_permits()) as f64);
         });
     }
 }

@@ -23,6 +23,9 @@ pub const PARAM_FINGERPRINT: &str = "classynet_fingerprint";
 /// Input tensor parameters of an INT8 tensor: x = (q - zero_point) * scale.
 pub const PARAM_SCALE: &str = "classynet_scale";
 pub const PARAM_ZERO_POINT: &str = "classynet_zero_point";
+/// Response parameter: microseconds the server spent on the request (queue + compute), so the
+/// caller can tell network time from server time.
+pub const PARAM_SERVER_MICROS: &str = "classynet_server_us";
 
 /// How intermediate tensors travel from edge to cloud.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +73,14 @@ pub fn param_f64(params: &HashMap<String, InferParameter>, key: &str) -> Option<
 pub fn param_str<'a>(params: &'a HashMap<String, InferParameter>, key: &str) -> Option<&'a str> {
     match params.get(key)?.parameter_choice.as_ref()? {
         ParameterChoice::StringParam(s) => Some(s),
+        _ => None,
+    }
+}
+
+/// Reads an integer parameter.
+pub fn param_int(params: &HashMap<String, InferParameter>, key: &str) -> Option<i64> {
+    match params.get(key)?.parameter_choice.as_ref()? {
+        ParameterChoice::Int64Param(v) => Some(*v),
         _ => None,
     }
 }
