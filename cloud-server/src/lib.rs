@@ -22,7 +22,7 @@ use classynet_runtime::backend::Tensor;
 use classynet_runtime::exit::{Policy, PolicyFile};
 use classynet_runtime::format::PartitionRole;
 use classynet_runtime::model::{parse_partition, Dim, Model};
-use classynet_runtime::ort_backend::{init_ort, OrtBackend, SessionOptions};
+use classynet_runtime::ort_backend::{init_ort, OrtBackend, Provider, SessionOptions};
 use classynet_runtime::partition::{extract_side, segments, Side};
 use classynet_runtime::runner::SegmentedRunner;
 use classynet_runtime::worker::Worker;
@@ -95,6 +95,10 @@ pub struct Config {
     /// anyway.
     #[arg(long, env = "CLOUD_SERVER_SHUTDOWN_TIMEOUT_S", default_value_t = 10)]
     pub shutdown_timeout_s: u64,
+    /// ONNX Runtime execution provider: cpu, cuda or tensorrt. A provider the loaded library
+    /// lacks (the PyPI wheel is CPU-only) falls back to the CPU with a warning; see docs/jetson.md.
+    #[arg(long, env = "CLOUD_SERVER_EXECUTION_PROVIDER", value_enum, default_value_t = Provider::Cpu)]
+    pub execution_provider: Provider,
 }
 
 pub fn init_logging(format: LogFormat) {
@@ -137,7 +141,7 @@ impl Cloud {
         };
         let segs = segments(&model)?;
         let m = model.num_exits();
-        let opts = SessionOptions::default();
+        let opts = SessionOptions { provider: config.execution_provider, ..SessionOptions::default() };
         let batch = BatchConfig {
             max_batch: config.max_batch.max(1),
             max_delay: Duration::from_millis(config.max_delay_ms),
@@ -270,6 +274,7 @@ impl Cloud {
                 .increment(1);
             }
         }
+        tracing::debug!(samples = served.outcome.results.len(), cut = k, "answered");
         let mut resp = codec::answers_response(&self.name, &req.id, &served.outcome.results, version);
         // The edge subtracts this from its round trip to tell network time from cloud time.
         resp.parameters.insert(

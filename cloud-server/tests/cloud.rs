@@ -37,6 +37,7 @@ fn config(model: PathBuf) -> cloud_server::Config {
         metrics_listen: None,
         log_format: Default::default(),
         shutdown_timeout_s: 10,
+        execution_provider: Default::default(),
     }
 }
 

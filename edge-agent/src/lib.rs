@@ -25,7 +25,7 @@ use classynet_runtime::backend::Tensor;
 use classynet_runtime::exit::{Answer, Policy, PolicyFile};
 use classynet_runtime::format::PartitionRole;
 use classynet_runtime::model::{parse_partition, Model};
-use classynet_runtime::ort_backend::{init_ort, OrtBackend, SessionOptions};
+use classynet_runtime::ort_backend::{init_ort, OrtBackend, Provider, SessionOptions};
 use classynet_runtime::partition::{extract_side, segments, Side};
 use classynet_runtime::planner::{choose, parse_size, plan, Formula};
 use classynet_runtime::report::RunReport;
@@ -115,6 +115,10 @@ pub struct Config {
     /// degraded) before the agent exits anyway.
     #[arg(long, env = "EDGE_AGENT_SHUTDOWN_TIMEOUT_S", default_value_t = 10)]
     pub shutdown_timeout_s: u64,
+    /// ONNX Runtime execution provider: cpu, cuda or tensorrt. A provider the loaded library
+    /// lacks (the PyPI wheel is CPU-only) falls back to the CPU with a warning; see docs/jetson.md.
+    #[arg(long, env = "EDGE_AGENT_EXECUTION_PROVIDER", value_enum, default_value_t = Provider::Cpu)]
+    pub execution_provider: Provider,
     #[command(subcommand)]
     pub command: Option<Verb>,
 }
@@ -315,10 +319,9 @@ impl Edge {
         let policy = Policy::defaults(&head.meta);
         let sample = head.meta.input.shape.clone();
         let (h, p) = (head.clone(), policy.clone());
+        let opts = SessionOptions { provider: config.execution_provider, ..SessionOptions::default() };
         let worker = tokio::task::spawn_blocking(move || {
-            Worker::spawn("edge-head", 2, move || {
-                SegmentedRunner::new(OrtBackend::new(&h, SessionOptions::default())?, 0, &p, Some(sample))
-            })
+            Worker::spawn("edge-head", 2, move || SegmentedRunner::new(OrtBackend::new(&h, opts)?, 0, &p, Some(sample)))
         })
         .await??;
         let n: usize = head.meta.input.shape.iter().product();

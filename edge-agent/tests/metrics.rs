@@ -60,6 +60,7 @@ async fn metrics_count_every_answer_by_exit_class_and_place() {
         metrics_listen: None,
         log_format: Default::default(),
         shutdown_timeout_s: 10,
+        execution_provider: Default::default(),
     })
     .await
     .unwrap();
@@ -86,6 +87,7 @@ async fn metrics_count_every_answer_by_exit_class_and_place() {
         metrics_listen: None,
         log_format: Default::default(),
         shutdown_timeout_s: 10,
+        execution_provider: Default::default(),
         command: None,
     })
     .await

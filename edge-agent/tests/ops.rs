@@ -38,6 +38,7 @@ fn cloud_config(listen: &str) -> cloud_server::Config {
         metrics_listen: None,
         log_format: Default::default(),
         shutdown_timeout_s: 10,
+        execution_provider: Default::default(),
     }
 }
 
@@ -64,6 +65,7 @@ fn edge_config(server: Option<String>) -> Config {
         metrics_listen: None,
         log_format: Default::default(),
         shutdown_timeout_s: 10,
+        execution_provider: Default::default(),
         command: None,
     }
 }

@@ -39,6 +39,7 @@ fn cloud_config(model: PathBuf, listen: &str, policy: Option<PathBuf>) -> cloud_
         metrics_listen: None,
         log_format: Default::default(),
         shutdown_timeout_s: 10,
+        execution_provider: Default::default(),
     }
 }
 
@@ -65,6 +66,7 @@ fn edge_config(model: Option<PathBuf>, partition: &str, server: String) -> Confi
         metrics_listen: None,
         log_format: Default::default(),
         shutdown_timeout_s: 10,
+        execution_provider: Default::default(),
         command: None,
     }
 }

@@ -128,6 +128,9 @@ def cloud_server(bins: Bins, model: Path, listen: str, policy: Path | None, thre
                  ns: str | None = None) -> Service:
     cmd = ns_exec(ns) + [bins.path("cloud-server"), "--model", str(model), "--listen", listen,
                          "--threads", str(threads), "--max-batch", "64"]
+    if not listen.startswith("127."):
+        # Inside the experiment's private namespaces, which nothing else can reach.
+        cmd.append("--insecure")
     if policy:
         cmd += ["--policy", str(policy)]
     return Service(cmd, bins.env(), log, f"cloud-server ({model.name})")
