@@ -382,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
                     help="a smoke-sized run: a few hundred samples, two budgets, a short link delay")
-    ap.add_argument("--out", type=Path, default=ROOT / "reports" / "paper", help="report folder (default: %(default)s)")
+    ap.add_argument("--out", type=Path, help="report folder (default: reports/paper; with --quick reports/paper-quick, so "
+                    "a smoke run never overwrites the committed report)")
     ap.add_argument("--bin-dir", type=Path, default=ROOT / "target" / "release",
                     help="where classynet, edge-agent, cloud-server and link-relay are (default: %(default)s)")
     ap.add_argument("--data-dir", type=Path, default=Path(os.environ.get("CLASSYNET_DATA_DIR", FASHION_DIR)),
@@ -397,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--render-only", action="store_true",
                     help="rewrite README.md and the plots from the report folder's results.json, running nothing")
     a = ap.parse_args(argv)
+    if a.out is None:
+        a.out = ROOT / "reports" / ("paper-quick" if a.quick else "paper")
     if a.render_only:
         from . import report
         results = a.out / "results.json"
