@@ -226,7 +226,7 @@ fn warn_fallback(provider: Provider, to: Provider, reason: &str) {
     tracing::warn!(
         provider = provider.as_str(),
         execution_provider = provider.ort_name(),
-        "{} execution provider unavailable, falling back to {}: {reason}",
+        "{} unavailable, falling back to {}: {reason}",
         provider.ort_name(),
         to.ort_name()
     );

@@ -88,7 +88,7 @@ fn a_missing_gpu_provider_falls_back_to_the_cpu_with_a_warning() {
             continue;
         }
         let name = provider.ort_name();
-        let warning = format!("{name} execution provider unavailable, falling back to");
+        let warning = format!("{name} unavailable, falling back to");
         assert!(log.contains("WARN"), "{provider}: no warning logged: {log}");
         assert!(log.contains(&warning), "{provider}: the warning names the provider: {log}");
         assert!(log.contains("was built without it"), "{provider}: the warning says why: {log}");
@@ -135,7 +135,7 @@ fn the_cli_flag_picks_the_provider_and_falls_back() {
         assert_eq!(counts(&out), want, "{flag:?} {env:?}: same answers as on the CPU");
         let err = String::from_utf8_lossy(&out.stderr);
         if !provider.is_available().unwrap() {
-            let warning = format!("{} execution provider unavailable, falling back to", provider.ort_name());
+            let warning = format!("{} unavailable, falling back to", provider.ort_name());
             assert!(err.contains(&warning), "{provider}: {err}");
         }
     }
