@@ -1,5 +1,6 @@
 //! cloud-server over a real socket on 127.0.0.1:0, driven by a v2 gRPC client.
 
+use clap::Parser;
 use std::path::{Path, PathBuf};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -19,26 +20,23 @@ fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../runtime/tests/data").join(name)
 }
 
+/// The flags a user would give (tests run without CLOUD_SERVER_* variables in the environment).
 fn config(model: PathBuf) -> cloud_server::Config {
-    cloud_server::Config {
-        model,
-        model_name: None,
-        listen: "127.0.0.1:0".into(),
-        policy: None,
-        max_batch: 32,
-        max_delay_ms: 1,
-        max_queue: 256,
-        threads: 1,
-        ort_lib: None,
-        tls_cert: None,
-        tls_key: None,
-        tls_ca: None,
-        insecure: false,
-        metrics_listen: None,
-        log_format: Default::default(),
-        shutdown_timeout_s: 10,
-        execution_provider: Default::default(),
-    }
+    cloud_server::Config::parse_from([
+        "cloud-server",
+        "--model",
+        model.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--max-batch",
+        "32",
+        "--max-delay-ms",
+        "1",
+        "--max-queue",
+        "256",
+        "--threads",
+        "1",
+    ])
 }
 
 fn inputs(n: usize, seed: u64) -> Tensor {

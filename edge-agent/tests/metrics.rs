@@ -4,7 +4,8 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use edge_agent::{classify, Config, Edge, Wire};
+use clap::Parser;
+use edge_agent::{classify, Config, Edge};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn zoo(name: &str) -> PathBuf {
@@ -43,53 +44,35 @@ fn sum_by(text: &str, metric: &str, want: &[(&str, &str)], by: &str) -> HashMap<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_every_answer_by_exit_class_and_place() {
     let model = zoo("tiny-3exit-cn.onnx");
-    let cloud = cloud_server::start(cloud_server::Config {
-        model: model.clone(),
-        model_name: None,
-        listen: "127.0.0.1:0".into(),
-        policy: None,
-        max_batch: 64,
-        max_delay_ms: 1,
-        max_queue: 4096,
-        threads: 1,
-        ort_lib: None,
-        tls_cert: None,
-        tls_key: None,
-        tls_ca: None,
-        insecure: false,
-        metrics_listen: None,
-        log_format: Default::default(),
-        shutdown_timeout_s: 10,
-        execution_provider: Default::default(),
-    })
+    let m = model.to_str().unwrap();
+    let cloud = cloud_server::start(cloud_server::Config::parse_from([
+        "cloud-server",
+        "--model",
+        m,
+        "--listen",
+        "127.0.0.1:0",
+        "--threads",
+        "1",
+        "--max-delay-ms",
+        "1",
+    ]))
     .await
     .unwrap();
     let metrics = classynet_serving::telemetry::serve_metrics("127.0.0.1:0").await.unwrap();
-    let edge = Edge::load(&Config {
-        server: Some(cloud.addr.to_string()),
-        partition: Some("E1".into()),
-        memory_budget: None,
-        model: Some(model),
-        listen: "127.0.0.1:0".into(),
-        max_batch: 16,
-        max_delay_ms: 2,
-        max_queue: 1024,
-        wire_dtype: Wire::Int8,
-        cloud_timeout_ms: 2000,
-        threads: 1,
-        ort_lib: None,
-        tls_cert: None,
-        tls_key: None,
-        tls_ca: None,
-        tls_server_name: None,
-        insecure: false,
-        api_token: None,
-        metrics_listen: None,
-        log_format: Default::default(),
-        shutdown_timeout_s: 10,
-        execution_provider: Default::default(),
-        command: None,
-    })
+    let server = cloud.addr.to_string();
+    let edge = Edge::load(&Config::parse_from([
+        "edge-agent",
+        "--model",
+        m,
+        "--partition",
+        "E1",
+        "--server",
+        &server,
+        "--threads",
+        "1",
+        "--wire-dtype",
+        "int8",
+    ]))
     .await
     .unwrap();
     let out = classify(&edge, "fashion-mnist:test", None, Some(300), 32).await.unwrap();

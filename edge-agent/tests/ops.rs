@@ -7,11 +7,12 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use clap::Parser;
 use classynet_proto::control::control_client::ControlClient;
 use classynet_proto::control::WatchPolicyRequest;
 use classynet_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use classynet_proto::inference::*;
-use edge_agent::{classify, Config, Edge, Wire};
+use edge_agent::{classify, Config, Edge};
 use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, SanType};
 use tokio::io::AsyncBufReadExt;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
@@ -21,53 +22,26 @@ fn zoo(name: &str) -> PathBuf {
 }
 
 fn cloud_config(listen: &str) -> cloud_server::Config {
-    cloud_server::Config {
-        model: zoo("tiny-3exit-cn.onnx"),
-        model_name: None,
-        listen: listen.into(),
-        policy: None,
-        max_batch: 64,
-        max_delay_ms: 1,
-        max_queue: 4096,
-        threads: 1,
-        ort_lib: None,
-        tls_cert: None,
-        tls_key: None,
-        tls_ca: None,
-        insecure: false,
-        metrics_listen: None,
-        log_format: Default::default(),
-        shutdown_timeout_s: 10,
-        execution_provider: Default::default(),
-    }
+    let model = zoo("tiny-3exit-cn.onnx");
+    cloud_server::Config::parse_from([
+        "cloud-server",
+        "--model",
+        model.to_str().unwrap(),
+        "--listen",
+        listen,
+        "--threads",
+        "1",
+        "--max-delay-ms",
+        "1",
+    ])
 }
 
 fn edge_config(server: Option<String>) -> Config {
-    Config {
-        server,
-        partition: Some("E1".into()),
-        memory_budget: None,
-        model: Some(zoo("tiny-3exit-cn.onnx")),
-        listen: "127.0.0.1:0".into(),
-        max_batch: 16,
-        max_delay_ms: 2,
-        max_queue: 1024,
-        wire_dtype: Wire::Fp32,
-        cloud_timeout_ms: 2000,
-        threads: 1,
-        ort_lib: None,
-        tls_cert: None,
-        tls_key: None,
-        tls_ca: None,
-        tls_server_name: None,
-        insecure: false,
-        api_token: None,
-        metrics_listen: None,
-        log_format: Default::default(),
-        shutdown_timeout_s: 10,
-        execution_provider: Default::default(),
-        command: None,
-    }
+    let model = zoo("tiny-3exit-cn.onnx");
+    let mut c =
+        Config::parse_from(["edge-agent", "--model", model.to_str().unwrap(), "--partition", "E1", "--threads", "1"]);
+    c.server = server;
+    c
 }
 
 /// A CA and the PEM files of certificates it (or another CA) signs, in a temporary folder.

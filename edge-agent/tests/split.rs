@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use clap::Parser;
 use classynet_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use classynet_proto::inference::*;
 use classynet_runtime::cli::{make_batch, open_dataset, DataArgs};
@@ -21,54 +22,33 @@ fn zoo(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/zoo").join(name)
 }
 
+/// The flags a user would give (tests run without CLOUD_SERVER_* variables in the environment).
 fn cloud_config(model: PathBuf, listen: &str, policy: Option<PathBuf>) -> cloud_server::Config {
-    cloud_server::Config {
-        model,
-        model_name: None,
-        listen: listen.into(),
-        policy,
-        max_batch: 64,
-        max_delay_ms: 1,
-        max_queue: 4096,
-        threads: 1,
-        ort_lib: None,
-        tls_cert: None,
-        tls_key: None,
-        tls_ca: None,
-        insecure: false,
-        metrics_listen: None,
-        log_format: Default::default(),
-        shutdown_timeout_s: 10,
-        execution_provider: Default::default(),
-    }
+    let mut c = cloud_server::Config::parse_from(
+        ["cloud-server", "--listen", listen, "--threads", "1", "--max-delay-ms", "1"]
+            .into_iter()
+            .chain(["--model", model.to_str().unwrap()]),
+    );
+    c.policy = policy;
+    c
 }
 
 fn edge_config(model: Option<PathBuf>, partition: &str, server: String) -> Config {
-    Config {
-        server: Some(server),
-        partition: Some(partition.into()),
-        memory_budget: None,
-        model,
-        listen: "127.0.0.1:0".into(),
-        max_batch: 16,
-        max_delay_ms: 2,
-        max_queue: 1024,
-        wire_dtype: Wire::Fp32,
-        cloud_timeout_ms: 1000,
-        threads: 1,
-        ort_lib: None,
-        tls_cert: None,
-        tls_key: None,
-        tls_ca: None,
-        tls_server_name: None,
-        insecure: false,
-        api_token: None,
-        metrics_listen: None,
-        log_format: Default::default(),
-        shutdown_timeout_s: 10,
-        execution_provider: Default::default(),
-        command: None,
-    }
+    let mut c = Config::parse_from([
+        "edge-agent",
+        "--partition",
+        partition,
+        "--server",
+        &server,
+        "--listen",
+        "127.0.0.1:0",
+        "--cloud-timeout-ms",
+        "1000",
+        "--threads",
+        "1",
+    ]);
+    c.model = model;
+    c
 }
 
 /// What `classynet run` answers for the same samples and policy.
