@@ -306,3 +306,22 @@ async fn health_is_not_serving_until_warm_and_sigterm_answers_every_accepted_req
     // Samples E1 answers on the edge need no cloud; the rest can only be answered degraded.
     assert!(degraded > 0, "with no answer from the cloud the forwarded samples are answered degraded");
 }
+
+#[test]
+fn an_empty_variable_in_the_env_file_counts_as_unset() {
+    // `EDGE_AGENT_PARTITION=` next to a memory budget: as an operator means it, the partition is
+    // not set (clap alone would see an empty value that conflicts with --memory-budget).
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_edge-agent"))
+        .args(["classify", "--limit", "20", "--json"])
+        .env("EDGE_AGENT_MODEL", zoo("tiny-3exit-cn.onnx"))
+        .env("EDGE_AGENT_MEMORY_BUDGET", "1GB")
+        .env("EDGE_AGENT_PARTITION", "")
+        .env("EDGE_AGENT_SERVER", "")
+        .env("EDGE_AGENT_THREADS", "1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["samples"], 20);
+    assert_eq!(v["partition"], "E3", "the budget picked the partition");
+}

@@ -14,3 +14,17 @@ pub mod systemd;
 pub mod telemetry;
 
 pub use error::{ServeError, ServeResult};
+
+/// Removes the environment variables named `<prefix>...` whose value is empty, so that an env
+/// file line like `EDGE_AGENT_PARTITION=` means "not set" (as an operator expects) instead of an
+/// empty value that clap would parse, refuse, or count against a conflicting flag. Call it first
+/// thing in `main`, before any thread starts.
+pub fn ignore_empty_env(prefix: &str) {
+    let empty: Vec<_> = std::env::vars_os()
+        .filter(|(k, v)| v.is_empty() && k.to_str().is_some_and(|k| k.starts_with(prefix)))
+        .map(|(k, _)| k)
+        .collect();
+    for k in empty {
+        std::env::remove_var(k);
+    }
+}
