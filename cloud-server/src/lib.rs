@@ -28,8 +28,10 @@ use classynet_runtime::runner::SegmentedRunner;
 use classynet_runtime::worker::Worker;
 use classynet_serving::batcher::{BatchConfig, Batcher};
 use classynet_serving::codec::{self, Payload, PARAM_CUT, PARAM_FINGERPRINT};
+use classynet_serving::request::{self, InputSpec};
 use classynet_serving::security::{self, TlsFiles};
 use classynet_serving::telemetry::{self, LogFormat};
+use classynet_serving::transport::Keepalive;
 use classynet_serving::{systemd, ServeError, ServeResult};
 use prost::Message;
 use tokio::net::TcpListener;
@@ -64,6 +66,24 @@ pub struct Config {
     /// Most samples admitted per cut and not yet answered; more are refused (RESOURCE_EXHAUSTED).
     #[arg(long, env = "CLOUD_SERVER_MAX_QUEUE", default_value_t = 4096)]
     pub max_queue: usize,
+    /// Refuse a request (RESOURCE_EXHAUSTED) when its expected wait for compute exceeds this
+    /// many milliseconds, from the samples ahead of it and the measured batch time: an edge
+    /// answers degraded at once instead of waiting out its timeout. 0: no limit (only
+    /// --max-queue).
+    #[arg(long, env = "CLOUD_SERVER_MAX_QUEUE_DELAY_MS", default_value_t = 1000)]
+    pub max_queue_delay_ms: u64,
+    /// Seconds between HTTP/2 PINGs (and TCP keepalive probes) on every client connection; a
+    /// client that vanished without closing (its policy stream, its calls) is dropped within
+    /// this plus --keepalive-timeout-s. 0: off.
+    #[arg(long, env = "CLOUD_SERVER_KEEPALIVE_INTERVAL_S", default_value_t = 10)]
+    pub keepalive_interval_s: u64,
+    /// Seconds to wait for a PING's answer before the connection counts as dead.
+    #[arg(long, env = "CLOUD_SERVER_KEEPALIVE_TIMEOUT_S", default_value_t = 5)]
+    pub keepalive_timeout_s: u64,
+    /// Most head downloads (GetPartition) served at once; more are refused with
+    /// RESOURCE_EXHAUSTED. Every download shares one encoded copy of its partition.
+    #[arg(long, env = "CLOUD_SERVER_MAX_DOWNLOADS", default_value_t = 16)]
+    pub max_downloads: usize,
     /// ONNX Runtime intra-op threads shared by all sessions (0: one per core).
     #[arg(long, env = "CLOUD_SERVER_THREADS", default_value_t = 0)]
     pub threads: usize,
@@ -117,6 +137,10 @@ pub struct Cloud {
     policy: watch::Sender<(Policy, String)>,
     /// Set when the server stops: open policy streams end so the graceful shutdown can finish.
     stopping: watch::Sender<bool>,
+    /// Head partition k+1 encoded once, shared by every download of it.
+    heads: Vec<std::sync::OnceLock<bytes::Bytes>>,
+    downloads: Arc<tokio::sync::Semaphore>,
+    max_batch: usize,
 }
 
 impl Cloud {
@@ -146,6 +170,7 @@ impl Cloud {
             max_batch: config.max_batch.max(1),
             max_delay: Duration::from_millis(config.max_delay_ms),
             max_queue: config.max_queue.max(config.max_batch),
+            max_queue_delay: (config.max_queue_delay_ms > 0).then(|| Duration::from_millis(config.max_queue_delay_ms)),
             side: "cloud",
         };
         let mut workers = Vec::new();
@@ -179,10 +204,21 @@ impl Cloud {
             workers.push(Arc::new(worker));
             inputs.push(shape);
         }
-        let batchers = workers.iter().map(|w| Batcher::spawn(w.clone(), batch)).collect();
+        let batchers = workers.iter().map(|w| Batcher::spawn(w.clone(), batch, None)).collect();
         let (policy_tx, _) = watch::channel((policy, policy_json));
         let (stopping, _) = watch::channel(false);
-        Ok(Arc::new(Cloud { model, name, batchers, workers, inputs, policy: policy_tx, stopping }))
+        Ok(Arc::new(Cloud {
+            model,
+            name,
+            batchers,
+            workers,
+            inputs,
+            policy: policy_tx,
+            stopping,
+            heads: (0..m).map(|_| std::sync::OnceLock::new()).collect(),
+            downloads: Arc::new(tokio::sync::Semaphore::new(config.max_downloads.max(1))),
+            max_batch: batch.max_batch,
+        }))
     }
 
     /// Validates `file` against the model and puts it in force everywhere, or leaves the current
@@ -203,14 +239,13 @@ impl Cloud {
         self.policy.borrow().0.version
     }
 
-    async fn infer(&self, req: ModelInferRequest) -> ServeResult<ModelInferResponse> {
+    async fn infer(
+        &self,
+        req: ModelInferRequest,
+        deadline: Option<tokio::time::Instant>,
+    ) -> ServeResult<ModelInferResponse> {
         let started = std::time::Instant::now();
-        if !req.model_name.is_empty() && req.model_name != self.name {
-            return Err(ServeError::NotFound(format!(
-                "model {:?} is not served here (this server serves {:?})",
-                req.model_name, self.name
-            )));
-        }
+        request::check_envelope(&req, &self.name)?;
         let m = self.model.num_exits();
         let k = match codec::param_str(&req.parameters, PARAM_CUT) {
             None => 0,
@@ -234,39 +269,29 @@ impl Cloud {
                 )));
             }
         }
-        let [input] = req.inputs.as_slice() else {
-            return Err(ServeError::InvalidArgument(format!(
-                "expected exactly one input tensor, found {}",
-                req.inputs.len()
-            )));
+        let what = if k == 0 {
+            format!("an image batch of model {}", self.name)
+        } else {
+            format!("cut E{k} of model {}", self.name)
         };
-        let raw = match req.raw_input_contents.len() {
-            0 => None,
-            1 => req.raw_input_contents.first(),
-            n => return Err(ServeError::InvalidArgument(format!("expected one raw_input_contents entry, found {n}"))),
+        let spec = InputSpec {
+            name: if k == 0 { "input" } else { "cut" },
+            sample: self.inputs[k].as_deref(),
+            max_samples: self.max_batch,
+            pixels: k == 0,
+            what: &what,
         };
-        let (mut tensor, payload) = codec::decode_input(input, raw)?;
-        if let Some(want) = &self.inputs[k] {
-            if tensor.shape.len() != want.len() + 1 || tensor.shape[1..] != want[..] {
-                let what = if k == 0 { "an image batch".to_string() } else { format!("cut E{k}") };
-                return Err(ServeError::InvalidArgument(format!(
-                    "input `{}` has shape {:?}; {what} of model {} is [N, {}]",
-                    input.name,
-                    tensor.shape,
-                    self.name,
-                    want.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")
-                )));
-            }
+        let mut decoded = request::decode(&req, &spec)?;
+        if decoded.payload == Payload::Pixels {
+            codec::normalise(&mut decoded.tensor, &self.model);
         }
-        if payload == Payload::Pixels {
-            if k != 0 {
-                return Err(ServeError::InvalidArgument("UINT8 pixels are only accepted for image batches".into()));
-            }
-            codec::normalise(&mut tensor, &self.model);
-        }
+        let input = std::mem::replace(&mut decoded.tensor, Tensor { shape: vec![0], data: vec![] });
         let version = self.policy_version();
-        let served = self.batchers[k].infer(tensor).await?;
-        for r in &served.outcome.results {
+        let served = decoded.merge(self.batchers[k].infer(input, deadline).await?);
+        let took = started.elapsed().as_secs_f64();
+        metrics::histogram!(telemetry::ANSWER_SECONDS, "side" => "cloud", "where" => "cloud")
+            .record_many(took, served.results.len());
+        for r in &served.results {
             if let classynet_runtime::runner::SampleResult::Answered(a) = r {
                 metrics::counter!(telemetry::ANSWERED, "side" => "cloud", "where" => "cloud",
                     "exit" => self.model.meta.exits[a.exit].name.clone(),
@@ -274,8 +299,9 @@ impl Cloud {
                 .increment(1);
             }
         }
-        tracing::debug!(samples = served.outcome.results.len(), cut = k, "answered");
-        let mut resp = codec::answers_response(&self.name, &req.id, &served.outcome.results, version);
+        tracing::debug!(samples = served.results.len(), cut = k, "answered");
+        let resp = codec::answers_response(&self.name, &req.id, &served.results, version);
+        let mut resp = request::select_outputs(&req, resp);
         // The edge subtracts this from its round trip to tell network time from cloud time.
         resp.parameters.insert(
             codec::PARAM_SERVER_MICROS.into(),
@@ -314,7 +340,10 @@ impl GrpcInferenceService for InferenceApi {
         Ok(Response::new(ServerReadyResponse { ready: self.0.get().is_some() }))
     }
     async fn model_ready(&self, r: Request<ModelReadyRequest>) -> Result<Response<ModelReadyResponse>, Status> {
-        Ok(Response::new(ModelReadyResponse { ready: self.0.get().is_some_and(|c| r.get_ref().name == c.name) }))
+        let r = r.get_ref();
+        Ok(Response::new(ModelReadyResponse {
+            ready: self.0.get().is_some_and(|c| request::check_model(&r.name, &r.version, &c.name).is_ok()),
+        }))
     }
     async fn server_metadata(
         &self,
@@ -327,14 +356,15 @@ impl GrpcInferenceService for InferenceApi {
         r: Request<ModelMetadataRequest>,
     ) -> Result<Response<ModelMetadataResponse>, Status> {
         let c = loaded(&self.0)?;
-        Ok(Response::new(codec::model_metadata(&c.model, &c.name, &r.get_ref().name)?))
+        Ok(Response::new(codec::model_metadata(&c.model, &c.name, &r.get_ref().name, &r.get_ref().version)?))
     }
     async fn model_infer(&self, r: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
         let c = loaded(&self.0)?;
+        let deadline = request::deadline(r.metadata(), r.get_ref());
         // The edge's trace context: one forwarded batch is one trace across both sides.
         let trace = r.metadata().get("traceparent").and_then(|v| v.to_str().ok()).and_then(telemetry::trace_id);
         let span = tracing::info_span!("model_infer", trace_id = trace.unwrap_or(""));
-        let out = tracing::Instrument::instrument(c.infer(r.into_inner()), span).await;
+        let out = tracing::Instrument::instrument(c.infer(r.into_inner(), deadline), span).await;
         metrics::counter!(telemetry::REQUESTS, "side" => "cloud", "outcome" => if out.is_ok() { "ok" } else { "error" })
             .increment(1);
         out.map(Response::new).map_err(Status::from)
@@ -390,25 +420,42 @@ impl Control for ControlApi {
     ) -> Result<Response<Self::GetPartitionStream>, Status> {
         let c = loaded(&self.0)?;
         let m = c.model.num_exits();
-        let side = Side::parse(&r.get_ref().partition, PartitionRole::Head, m)
-            .map_err(|e| ServeError::NotFound(e.to_string()))?;
-        let segs = segments(&c.model).map_err(ServeError::from)?;
-        let bytes = bytes::Bytes::from(extract_side(&c.model, &segs, &side).map_err(ServeError::from)?.encode_to_vec());
+        let partition = &r.get_ref().partition;
+        let side = Side::parse(partition, PartitionRole::Head, m).map_err(|e| ServeError::NotFound(e.to_string()))?;
+        let k = parse_partition(partition, m).map_err(|e| ServeError::NotFound(e.to_string()))?;
+        // Held until the stream is dropped: a client that never reads ties up one permit, not
+        // memory without bound.
+        let permit = c.downloads.clone().try_acquire_owned().map_err(|_| {
+            ServeError::ResourceExhausted(format!(
+                "{} head downloads are already in progress; retry later",
+                c.downloads.available_permits() + 1
+            ))
+        })?;
+        let bytes = match c.heads[k - 1].get() {
+            Some(b) => b.clone(),
+            None => {
+                let model = c.clone();
+                let encoded = tokio::task::spawn_blocking(move || {
+                    let segs = segments(&model.model)?;
+                    Ok::<_, ServeError>(bytes::Bytes::from(extract_side(&model.model, &segs, &side)?.encode_to_vec()))
+                })
+                .await
+                .map_err(|e| ServeError::Unavailable(format!("extracting partition {partition} failed: {e}")))??;
+                c.heads[k - 1].get_or_init(|| encoded).clone()
+            }
+        };
         let total = bytes.len() as u64;
         let fingerprint = c.model.fingerprint.clone();
-        let chunks: Vec<Result<PartitionChunk, Status>> = bytes
-            .chunks(1 << 20)
-            .enumerate()
-            .map(|(i, _)| {
-                let start = i << 20;
-                let end = (start + (1 << 20)).min(bytes.len());
-                Ok(PartitionChunk {
-                    data: bytes.slice(start..end),
-                    total_bytes: if i == 0 { total } else { 0 },
-                    fingerprint: if i == 0 { fingerprint.clone() } else { String::new() },
-                })
+        const CHUNK: usize = 1 << 20;
+        let chunks = (0..bytes.len().div_ceil(CHUNK)).map(move |i| {
+            let _held = &permit;
+            let start = i * CHUNK;
+            Ok(PartitionChunk {
+                data: bytes.slice(start..(start + CHUNK).min(bytes.len())),
+                total_bytes: if i == 0 { total } else { 0 },
+                fingerprint: if i == 0 { fingerprint.clone() } else { String::new() },
             })
-            .collect();
+        });
         Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
     }
 }
@@ -514,15 +561,15 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
         .max_decoding_message_size(limit)
         .max_encoding_message_size(usize::MAX);
     let control = ControlServer::new(ControlApi(slot.clone()));
-    let mut builder = tonic::transport::Server::builder();
+    let keepalive = Keepalive { interval_s: config.keepalive_interval_s, timeout_s: config.keepalive_timeout_s };
+    let mut builder = keepalive.server();
     if let Some(t) = server_tls {
         builder = builder.tls_config(t)?;
     }
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(
         builder.add_service(health_service).add_service(inference).add_service(control).serve_with_incoming_shutdown(
-            // No Nagle: a batch's reply must not wait for a delayed ACK (40 ms on Linux).
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            keepalive.incoming(listener),
             async {
                 let _ = rx.await;
             },

@@ -51,7 +51,9 @@ fn inputs(n: usize, seed: u64) -> Tensor {
 }
 
 fn request(name: &str, t: &Tensor, params: &[(&str, &str)]) -> ModelInferRequest {
-    let (input, raw) = codec::encode_tensor("input", t, codec::WireDtype::Fp32);
+    // A forwarded cut travels as input `cut`, an image batch as `input` (as ModelMetadata says).
+    let input_name = if params.iter().any(|(k, _)| *k == PARAM_CUT) { "cut" } else { "input" };
+    let (input, raw) = codec::encode_tensor(input_name, t, codec::WireDtype::Fp32);
     ModelInferRequest {
         model_name: name.into(),
         id: "req-1".into(),
@@ -154,21 +156,31 @@ async fn bad_requests_get_a_clear_status_and_the_server_keeps_serving() {
         client.model_infer(request("tiny3", &Tensor::new(vec![2, 1, 2, 8], x.data.clone()).unwrap(), &[])).await,
     );
     assert_eq!(s.code(), Code::InvalidArgument);
-    assert!(s.message().contains("an image batch of model tiny3 is [N, 1, 4, 4]"), "{}", s.message());
+    assert_eq!(
+        s.message(),
+        "input `input` has shape [2, 1, 2, 8]; an image batch of model tiny3 takes [N, 1, 4, 4] with 1 ≤ N ≤ 32"
+    );
     let s = status(client.model_infer(request("tiny3", &x, &[(PARAM_CUT, "E1")])).await);
-    assert!(s.message().contains("cut E1 of model tiny3 is [N, 2, 4, 4]"), "{}", s.message());
+    assert!(s.message().contains("cut E1 of model tiny3 takes [N, 2, 4, 4]"), "{}", s.message());
 
-    // NaN values.
+    // A NaN in one sample fails that sample only; a one-sample request with a NaN is refused.
     let mut bad = x.clone();
     bad.data[3] = f32::NAN;
-    let s = status(client.model_infer(request("tiny3", &bad, &[])).await);
+    let resp = client.model_infer(request("tiny3", &bad, &[])).await.unwrap().into_inner();
+    let answers = codec::read_answers(&resp).unwrap();
+    assert_eq!((answers[0].0, answers[0].1), (-1, -1), "sample 0 holds the NaN");
+    assert!(answers[1].0 >= 0, "sample 1 is answered");
+    let failed = codec::param_str(&resp.parameters, "classynet_failed").unwrap();
+    assert!(failed.contains("sample 0: input `input` sample 0: element 3 is NaN"), "{failed}");
+    let one = Tensor::new(vec![1, 1, 4, 4], bad.data[..16].to_vec()).unwrap();
+    let s = status(client.model_infer(request("tiny3", &one, &[])).await);
     assert_eq!(s.code(), Code::InvalidArgument);
     assert!(s.message().contains("element 3 is NaN"), "{}", s.message());
 
     // Over the batch limit.
     let s = status(client.model_infer(request("tiny3", &inputs(33, 2), &[])).await);
     assert_eq!(s.code(), Code::ResourceExhausted);
-    assert!(s.message().contains("1 to 32 samples"), "{}", s.message());
+    assert!(s.message().contains("at most 32 on this server"), "{}", s.message());
 
     // Garbage instead of a protobuf message, on the raw HTTP/2 channel.
     let channel =

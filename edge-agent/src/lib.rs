@@ -10,9 +10,11 @@
 //!   samples that needed it get the deepest local exit's answer, flagged degraded, and the link
 //!   is retried with capped exponential backoff and jitter. Every request gets one answer.
 
+mod forward;
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -22,26 +24,28 @@ use classynet_proto::inference::grpc_inference_service_client::GrpcInferenceServ
 use classynet_proto::inference::grpc_inference_service_server::{GrpcInferenceService, GrpcInferenceServiceServer};
 use classynet_proto::inference::*;
 use classynet_runtime::backend::Tensor;
-use classynet_runtime::exit::{Answer, Policy, PolicyFile};
+use classynet_runtime::exit::{Policy, PolicyFile};
 use classynet_runtime::format::PartitionRole;
 use classynet_runtime::model::{parse_partition, Model};
 use classynet_runtime::ort_backend::{init_ort, OrtBackend, Provider, SessionOptions};
 use classynet_runtime::partition::{extract_side, segments, Side};
 use classynet_runtime::planner::{choose, parse_size, plan, Formula};
 use classynet_runtime::report::RunReport;
-use classynet_runtime::runner::{BatchOutcome, SampleResult, SegmentedRunner};
+use classynet_runtime::runner::{SampleResult, SegmentedRunner};
 use classynet_runtime::worker::Worker;
-use classynet_serving::batcher::{BatchConfig, Batcher, Finisher, Origin, Served};
-use classynet_serving::codec::{
-    self, string_param, Payload, WireDtype, PARAM_CUT, PARAM_FINGERPRINT, PARAM_POLICY_VERSION,
-};
+use classynet_serving::batcher::{BatchConfig, Batcher, Origin, Served};
+use classynet_serving::codec::{self, string_param, Payload, WireDtype};
+use classynet_serving::request::{self, InputSpec};
 use classynet_serving::security::{self, BearerAuth, TlsFiles};
 use classynet_serving::telemetry::{self, LogFormat};
-use classynet_serving::{systemd, ServeError, ServeResult};
+use classynet_serving::transport::Keepalive;
+use classynet_serving::{systemd, ServeResult};
+pub use forward::Stats;
+use forward::{forwarder, Backoff, CloudLink, ForwardContext};
 use prost::Message;
 use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 use tonic::{Request, Response, Status};
 
 /// Edge side of the ClassyNet split runtime.
@@ -80,6 +84,23 @@ pub struct Config {
     /// After this many milliseconds without the cloud's answer, answer locally (degraded).
     #[arg(long, env = "EDGE_AGENT_CLOUD_TIMEOUT_MS", default_value_t = 2000)]
     pub cloud_timeout_ms: u64,
+    /// Refuse a request (RESOURCE_EXHAUSTED) when its expected wait for the head exceeds this
+    /// many milliseconds, from the samples ahead of it and the measured batch time; accepted
+    /// requests so keep a bounded latency under overload. 0: no limit (only --max-queue).
+    #[arg(long, env = "EDGE_AGENT_MAX_QUEUE_DELAY_MS", default_value_t = 500)]
+    pub max_queue_delay_ms: u64,
+    /// Seconds between HTTP/2 PINGs (and TCP keepalive probes) on the connection to the cloud,
+    /// also while idle. A link that silently stops carrying packets is noticed within this plus
+    /// --keepalive-timeout-s and redialled. 0: off.
+    #[arg(long, env = "EDGE_AGENT_KEEPALIVE_INTERVAL_S", default_value_t = 10)]
+    pub keepalive_interval_s: u64,
+    /// Seconds to wait for a PING's answer before the connection counts as dead.
+    #[arg(long, env = "EDGE_AGENT_KEEPALIVE_TIMEOUT_S", default_value_t = 5)]
+    pub keepalive_timeout_s: u64,
+    /// Longest the download of the head from the cloud (no --model) may take, in seconds; the
+    /// agent then exits with an error instead of staying unready.
+    #[arg(long, env = "EDGE_AGENT_HEAD_TIMEOUT_S", default_value_t = 120)]
+    pub head_timeout_s: u64,
     /// ONNX Runtime intra-op threads (0: one per core).
     #[arg(long, env = "EDGE_AGENT_THREADS", default_value_t = 0)]
     pub threads: usize,
@@ -164,60 +185,6 @@ pub fn init_logging(format: LogFormat) {
     telemetry::init_logging(format);
 }
 
-/// Counters of what the edge did.
-#[derive(Debug, Default)]
-pub struct Stats {
-    pub edge: AtomicU64,
-    pub cloud: AtomicU64,
-    pub degraded: AtomicU64,
-    pub wire_bytes: AtomicU64,
-}
-
-/// The link to the cloud, with backoff after failures.
-struct CloudLink {
-    client: Option<GrpcInferenceServiceClient<Channel>>,
-    timeout: Duration,
-    dtype: WireDtype,
-    /// While set and in the future, the cloud is considered down: answer degraded at once.
-    down_until: Mutex<Option<Instant>>,
-    backoff: Mutex<Duration>,
-}
-
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
-
-impl CloudLink {
-    fn dtype_label(&self) -> &'static str {
-        match self.dtype {
-            WireDtype::Fp32 => "fp32",
-            WireDtype::Fp16 => "fp16",
-            WireDtype::Int8 => "int8",
-        }
-    }
-
-    fn is_down(&self) -> bool {
-        matches!(*self.down_until.lock().expect("no code panics while holding the link state lock"), Some(t) if Instant::now() < t)
-    }
-
-    fn failed(&self) {
-        let mut b = self.backoff.lock().expect("no code panics while holding the link state lock");
-        // Full jitter keeps many edges from retrying in step after a cloud restart.
-        let jitter =
-            (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos()
-                % 1000) as f64
-                / 1000.0;
-        let wait = b.mul_f64(0.5 + 0.5 * jitter);
-        *self.down_until.lock().expect("no code panics while holding the link state lock") =
-            Some(Instant::now() + wait);
-        *b = (*b * 2).min(BACKOFF_MAX);
-    }
-
-    fn succeeded(&self) {
-        *self.backoff.lock().expect("no code panics while holding the link state lock") = BACKOFF_MIN;
-        *self.down_until.lock().expect("no code panics while holding the link state lock") = None;
-    }
-}
-
 /// A loaded edge: head model, runner thread, batcher and cloud link.
 pub struct Edge {
     pub head: Model,
@@ -226,6 +193,7 @@ pub struct Edge {
     worker: Arc<Worker>,
     batcher: Batcher,
     pub stats: Arc<Stats>,
+    names: Names,
     policy_version: Arc<AtomicU64>,
     /// Set once the first update of the cloud's policy stream has been dealt with, so that a run
     /// can start under the cloud's policy instead of switching to it part-way.
@@ -249,8 +217,26 @@ fn cloud_endpoint(config: &Config) -> anyhow::Result<Option<Endpoint>> {
     if let Some(t) = client_tls {
         ep = ep.tls_config(t).map_err(|e| anyhow::anyhow!("TLS settings for {uri}: {e}"))?;
     }
-    Ok(Some(ep.connect_timeout(Duration::from_millis(config.cloud_timeout_ms))))
+    Ok(Some(keepalive(ep.connect_timeout(Duration::from_millis(config.cloud_timeout_ms)), config)))
 }
+
+/// HTTP/2 PINGs (also while no call is open) and TCP keepalive on the cloud channel: a
+/// connection that silently stops carrying packets (a NAT timeout, a Wi-Fi drop) is closed after
+/// `--keepalive-interval-s` + `--keepalive-timeout-s` at most, and the next call or policy
+/// stream dials a new one.
+fn keepalive(ep: Endpoint, config: &Config) -> Endpoint {
+    if config.keepalive_interval_s == 0 {
+        return ep;
+    }
+    let interval = Duration::from_secs(config.keepalive_interval_s);
+    ep.http2_keep_alive_interval(interval)
+        .keep_alive_timeout(Duration::from_secs(config.keepalive_timeout_s.max(1)))
+        .keep_alive_while_idle(true)
+        .tcp_keepalive(Some(interval))
+}
+
+/// Largest head partition the edge accepts from the cloud (far above any model it can run).
+const MAX_HEAD_BYTES: usize = 1 << 31;
 
 /// Finds the head this edge runs: from a local file (full model or head partition), or from the
 /// cloud.
@@ -291,13 +277,32 @@ async fn load_head(config: &Config) -> anyhow::Result<(Model, usize)> {
     let partition = config.partition.clone().ok_or_else(|| {
         anyhow::anyhow!("downloading the head from the cloud needs --partition Ek (--memory-budget needs --model)")
     })?;
-    let channel = ep.connect().await.map_err(|e| anyhow::anyhow!("cannot reach the cloud at {server}: {e:?}"))?;
-    let mut client = ControlClient::new(channel);
-    let mut stream = client.get_partition(GetPartitionRequest { partition: partition.clone() }).await?.into_inner();
-    let mut bytes = Vec::new();
-    while let Some(chunk) = stream.next().await {
-        bytes.extend_from_slice(&chunk?.data);
-    }
+    let limit = Duration::from_secs(config.head_timeout_s.max(1));
+    let download = async {
+        let channel = ep.connect().await.map_err(|e| anyhow::anyhow!("cannot reach the cloud at {server}: {e:?}"))?;
+        let mut client = ControlClient::new(channel);
+        let mut stream = client
+            .get_partition(GetPartitionRequest { partition: partition.clone() })
+            .await
+            .map_err(|s| anyhow::anyhow!("the cloud at {server} refused partition {partition}: {}", s.message()))?
+            .into_inner();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|s| anyhow::anyhow!("head download from {server} broke off: {}", s.message()))?;
+            anyhow::ensure!(
+                bytes.len() + chunk.data.len() <= MAX_HEAD_BYTES,
+                "the cloud at {server} sent more than {MAX_HEAD_BYTES} bytes for partition {partition}"
+            );
+            bytes.extend_from_slice(&chunk.data);
+        }
+        Ok::<_, anyhow::Error>(bytes)
+    };
+    let bytes = tokio::time::timeout(limit, download).await.map_err(|_| {
+        anyhow::anyhow!(
+            "the head partition {partition} did not arrive from {server} within {limit:?} (--head-timeout-s); \
+             is the cloud up and serving?"
+        )
+    })??;
     let model = Model::from_bytes(&bytes, &format!("{server} partition {partition}"))?;
     let k = model.present.end;
     tracing::info!(partition, bytes = bytes.len(), "head partition downloaded from the cloud");
@@ -336,29 +341,30 @@ impl Edge {
             }
             _ => None,
         };
-        let link = Arc::new(CloudLink {
-            client,
-            timeout: Duration::from_millis(config.cloud_timeout_ms),
-            dtype: config.wire_dtype.into(),
-            down_until: Mutex::new(None),
-            backoff: Mutex::new(BACKOFF_MIN),
-        });
         let stats = Arc::new(Stats::default());
         let policy_version = Arc::new(AtomicU64::new(0));
-        let names = Arc::new(Names {
+        let names = Names {
             exits: head.meta.exits.iter().map(|e| e.name.clone()).collect(),
             classes: head.meta.classes.clone(),
-        });
-        let finisher = forwarder(link, stats.clone(), k, head.fingerprint.clone(), policy_version.clone(), names);
-        let batcher = Batcher::spawn_with(
+        };
+        let context = ForwardContext {
+            link: CloudLink::new(client, Duration::from_millis(config.cloud_timeout_ms), config.wire_dtype.into()),
+            stats: stats.clone(),
+            k,
+            fingerprint: head.fingerprint.clone(),
+            policy_version: policy_version.clone(),
+        };
+        let batcher = Batcher::spawn(
             worker.clone(),
             BatchConfig {
                 max_batch: config.max_batch.max(1),
                 max_delay: Duration::from_millis(config.max_delay_ms),
                 max_queue: config.max_queue.max(config.max_batch),
+                max_queue_delay: (config.max_queue_delay_ms > 0)
+                    .then(|| Duration::from_millis(config.max_queue_delay_ms)),
                 side: "edge",
             },
-            finisher,
+            Some(forwarder(Arc::new(context))),
         );
         let edge = Arc::new(Edge {
             head,
@@ -366,6 +372,7 @@ impl Edge {
             worker,
             batcher,
             stats,
+            names,
             policy_version,
             policy_seen: tokio::sync::watch::Sender::new(false),
             server: config.server.clone(),
@@ -395,32 +402,17 @@ impl Edge {
         self.policy_version.load(Ordering::SeqCst)
     }
 
-    /// Classifies a normalised image batch; answers in order, with where each came from.
-    /// Requests larger than the edge batch are split into batch-sized pieces that run
-    /// concurrently, so a client need not know the device's batch size.
-    pub async fn infer(&self, input: Tensor) -> ServeResult<Served> {
-        let max = self.batcher.max_batch();
-        let n = input.batch();
-        if n <= max {
-            return self.batcher.infer(input).await;
-        }
-        let pieces: Vec<_> = (0..n)
-            .step_by(max)
-            .map(|f| {
-                let rows: Vec<usize> = (f..(f + max).min(n)).collect();
-                let b = self.batcher.clone();
-                let part = input.gather(&rows);
-                async move { b.infer(part).await }
-            })
-            .collect();
-        let mut results = Vec::with_capacity(n);
-        let mut origin = Vec::with_capacity(n);
-        for piece in futures_join(pieces).await {
-            let s = piece?;
-            results.extend(s.outcome.results);
-            origin.extend(s.origin);
-        }
-        Ok(Served { outcome: BatchOutcome { results, forward: None }, origin })
+    /// Classifies a normalised image batch; answers in order, with where each came from. Samples
+    /// an edge exit answers do not wait for the cloud (unless the same request also holds samples
+    /// that go there). Requests larger than the edge batch run as several batches, so a client
+    /// need not know the device's batch size. `deadline`: when the caller stops waiting.
+    pub async fn infer(&self, input: Tensor, deadline: Option<tokio::time::Instant>) -> ServeResult<Served> {
+        let started = Instant::now();
+        let served = self.batcher.infer(input, deadline).await?;
+        let local = served.origin.iter().filter(|o| **o == Origin::Local).count();
+        self.stats.edge.fetch_add(local as u64, Ordering::Relaxed);
+        self.names.count(&served, started.elapsed());
+        Ok(served)
     }
 
     async fn apply_policy(&self, json: &str) -> Result<u64, String> {
@@ -435,11 +427,12 @@ impl Edge {
 /// Keeps a WatchPolicy stream open, applying every update; reconnects with backoff.
 async fn watch_policy(weak: std::sync::Weak<Edge>) {
     let Some((server, ep)) = weak.upgrade().and_then(|e| e.server.clone().zip(e.cloud.clone())) else { return };
-    let mut backoff = BACKOFF_MIN;
+    let mut backoff = Backoff::new();
     loop {
         let Some(edge) = weak.upgrade() else { return };
         let fingerprint = edge.head.fingerprint.clone();
         drop(edge);
+        let backoff = &mut backoff;
         let attempt = async {
             let mut client = ControlClient::new(ep.connect().await.map_err(|e| format!("{e:?}"))?);
             let mut stream = client
@@ -449,6 +442,8 @@ async fn watch_policy(weak: std::sync::Weak<Edge>) {
                 .into_inner();
             while let Some(update) = stream.next().await {
                 let update = update.map_err(|e| e.message().to_string())?;
+                // The stream works: the next outage starts again from the shortest wait.
+                backoff.reset();
                 let Some(edge) = weak.upgrade() else { return Ok(()) };
                 match edge.apply_policy(&update.policy_json).await {
                     Ok(v) => {
@@ -464,38 +459,17 @@ async fn watch_policy(weak: std::sync::Weak<Edge>) {
             }
             Ok::<(), String>(())
         };
-        match attempt.await {
-            Ok(()) if weak.strong_count() == 0 => return,
-            Ok(()) => backoff = BACKOFF_MIN,
-            Err(e) => {
-                tracing::warn!("policy stream from {server}: {e}; retrying in {backoff:?}");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(BACKOFF_MAX);
-            }
+        let result = attempt.await;
+        if weak.strong_count() == 0 {
+            return;
         }
+        let wait = backoff.wait();
+        match result {
+            Ok(()) => tracing::info!("policy stream from {server} ended; reconnecting in {wait:?}"),
+            Err(e) => tracing::warn!("policy stream from {server}: {e}; retrying in {wait:?}"),
+        }
+        tokio::time::sleep(wait).await;
     }
-}
-
-/// The batch-level finisher: one ModelInfer for all survivors of a batch.
-fn forwarder(
-    link: Arc<CloudLink>,
-    stats: Arc<Stats>,
-    k: usize,
-    fingerprint: String,
-    version: Arc<AtomicU64>,
-    names: Arc<Names>,
-) -> Finisher {
-    Arc::new(move |outcome: BatchOutcome| {
-        let (link, stats, fingerprint, version) = (link.clone(), stats.clone(), fingerprint.clone(), version.clone());
-        let names = names.clone();
-        Box::pin(async move {
-            let served = finish_batch(outcome, &link, &stats, k, &fingerprint, &version).await;
-            if let Ok(s) = &served {
-                names.count(s);
-            }
-            served
-        })
-    })
 }
 
 /// Exit and class names, for metric labels.
@@ -505,14 +479,13 @@ struct Names {
 }
 
 impl Names {
-    fn count(&self, served: &Served) {
-        for (r, o) in served.outcome.results.iter().zip(&served.origin) {
+    /// Counts each answer, and its time to answer, by where it was answered.
+    fn count(&self, served: &Served, took: Duration) {
+        for (r, o) in served.results.iter().zip(&served.origin) {
+            let place = o.label("edge");
+            metrics::histogram!(telemetry::ANSWER_SECONDS, "side" => "edge", "where" => place)
+                .record(took.as_secs_f64());
             if let SampleResult::Answered(a) = r {
-                let place = match o {
-                    Origin::Local => "edge",
-                    Origin::Remote => "cloud",
-                    Origin::Degraded => "degraded",
-                };
                 let exit = self.exits.get(a.exit).cloned().unwrap_or_else(|| format!("E{}", a.exit + 1));
                 let class = self.classes.get(a.class as usize).cloned().unwrap_or_else(|| a.class.to_string());
                 metrics::counter!(telemetry::ANSWERED, "side" => "edge", "where" => place, "exit" => exit, "class" => class)
@@ -520,139 +493,6 @@ impl Names {
             }
         }
     }
-}
-
-/// Answers what the head decided, forwards the survivors in one ModelInfer, and falls back to
-/// the deepest local exit (degraded) when the cloud does not answer.
-async fn finish_batch(
-    mut outcome: BatchOutcome,
-    link: &CloudLink,
-    stats: &Stats,
-    k: usize,
-    fingerprint: &str,
-    version: &AtomicU64,
-) -> ServeResult<Served> {
-    {
-        {
-            let mut origin = vec![Origin::Local; outcome.results.len()];
-            let Some(fwd) = outcome.forward.take() else {
-                stats.edge.fetch_add(origin.len() as u64, Ordering::Relaxed);
-                return Ok(Served { outcome, origin });
-            };
-            let local = origin.len() - fwd.rows.len();
-            stats.edge.fetch_add(local as u64, Ordering::Relaxed);
-            let answers = match (&link.client, link.is_down()) {
-                (Some(client), false) => {
-                    let (input, raw) = codec::encode_tensor("cut", &fwd.cut, link.dtype);
-                    stats.wire_bytes.fetch_add(raw.len() as u64, Ordering::Relaxed);
-                    metrics::counter!(telemetry::WIRE_BYTES, "side" => "edge", "dtype" => link.dtype_label())
-                        .increment(raw.len() as u64);
-                    let bytes = raw.len();
-                    let req = ModelInferRequest {
-                        parameters: [
-                            (PARAM_CUT.to_string(), string_param(format!("E{k}"))),
-                            (PARAM_FINGERPRINT.to_string(), string_param(fingerprint.to_string())),
-                            (PARAM_POLICY_VERSION.to_string(), codec::int_param(version.load(Ordering::SeqCst) as i64)),
-                        ]
-                        .into(),
-                        inputs: vec![input],
-                        raw_input_contents: vec![raw],
-                        ..Default::default()
-                    };
-                    let mut client = client.clone();
-                    // W3C trace context: the cloud logs its work on this batch under the same trace.
-                    let traceparent = telemetry::new_traceparent();
-                    let trace_id = telemetry::trace_id(&traceparent).unwrap_or("").to_string();
-                    let mut request = tonic::Request::new(req);
-                    if let Ok(v) = traceparent.parse() {
-                        request.metadata_mut().insert("traceparent", v);
-                    }
-                    tracing::debug!(trace_id, samples = fwd.rows.len(), bytes, cut = k, "forwarding to the cloud");
-                    let sent = Instant::now();
-                    match tokio::time::timeout(link.timeout, client.model_infer(request)).await {
-                        Ok(Ok(resp)) => match codec::read_answers(resp.get_ref()) {
-                            Ok(a) if a.len() == fwd.rows.len() => {
-                                link.succeeded();
-                                let rtt = sent.elapsed().as_secs_f64();
-                                let server = codec::param_int(&resp.get_ref().parameters, codec::PARAM_SERVER_MICROS)
-                                    .map(|us| us as f64 / 1e6)
-                                    .unwrap_or(0.0)
-                                    .min(rtt);
-                                metrics::histogram!(telemetry::STAGE_SECONDS, "side" => "edge", "stage" => "cloud")
-                                    .record(server);
-                                metrics::histogram!(telemetry::STAGE_SECONDS, "side" => "edge", "stage" => "network")
-                                    .record(rtt - server);
-                                tracing::debug!(trace_id, rtt, server, "answered by the cloud");
-                                Some(a)
-                            }
-                            Ok(a) => {
-                                tracing::error!("the cloud answered {} samples for {} sent", a.len(), fwd.rows.len());
-                                None
-                            }
-                            Err(e) => {
-                                tracing::error!("unreadable answer from the cloud: {e}");
-                                None
-                            }
-                        },
-                        Ok(Err(status)) => {
-                            tracing::warn!(code = ?status.code(), "cloud refused the forward: {}", status.message());
-                            link.failed();
-                            None
-                        }
-                        Err(_) => {
-                            tracing::warn!("no answer from the cloud within {:?}", link.timeout);
-                            link.failed();
-                            None
-                        }
-                    }
-                }
-                _ => None,
-            };
-            match answers {
-                Some(a) => {
-                    for (i, &row) in fwd.rows.iter().enumerate() {
-                        let (label, exit, entropy, probability) = a[i];
-                        outcome.results[row] = if label < 0 || exit < 0 {
-                            SampleResult::Failed("the cloud could not answer this sample".into())
-                        } else {
-                            SampleResult::Answered(Answer {
-                                class: label as u32,
-                                exit: exit as usize,
-                                entropy,
-                                probability,
-                            })
-                        };
-                        origin[row] = Origin::Remote;
-                    }
-                    stats.cloud.fetch_add(fwd.rows.len() as u64, Ordering::Relaxed);
-                }
-                None => {
-                    for (i, &row) in fwd.rows.iter().enumerate() {
-                        outcome.results[row] = match fwd.fallback[i] {
-                            Some(ans) => SampleResult::Answered(ans),
-                            None => SampleResult::Failed("non-finite logits and no cloud to go on to".into()),
-                        };
-                        origin[row] = Origin::Degraded;
-                    }
-                    stats.degraded.fetch_add(fwd.rows.len() as u64, Ordering::Relaxed);
-                }
-            }
-            Ok(Served { outcome, origin })
-        }
-    }
-}
-
-/// Awaits all futures concurrently, keeping their order.
-async fn futures_join<F: std::future::Future + Send + 'static>(futs: Vec<F>) -> Vec<F::Output>
-where
-    F::Output: Send + 'static,
-{
-    let handles: Vec<_> = futs.into_iter().map(tokio::spawn).collect();
-    let mut out = Vec::with_capacity(handles.len());
-    for h in handles {
-        out.push(h.await.expect("inference pieces do not panic"));
-    }
-    out
 }
 
 /// Filled once the head is loaded and warm; until then calls are UNAVAILABLE.
@@ -672,10 +512,14 @@ impl GrpcInferenceService for LocalApi {
         Ok(Response::new(ServerLiveResponse { live: true }))
     }
     async fn server_ready(&self, _: Request<ServerReadyRequest>) -> Result<Response<ServerReadyResponse>, Status> {
-        Ok(Response::new(ServerReadyResponse { ready: true }))
+        // Ready means what grpc.health.v1 says: the head is loaded and warm.
+        Ok(Response::new(ServerReadyResponse { ready: self.0.get().is_some() }))
     }
     async fn model_ready(&self, r: Request<ModelReadyRequest>) -> Result<Response<ModelReadyResponse>, Status> {
-        Ok(Response::new(ModelReadyResponse { ready: self.0.get().is_some_and(|e| r.get_ref().name == e.head.name()) }))
+        let r = r.get_ref();
+        Ok(Response::new(ModelReadyResponse {
+            ready: self.0.get().is_some_and(|e| request::check_model(&r.name, &r.version, e.head.name()).is_ok()),
+        }))
     }
     async fn server_metadata(
         &self,
@@ -688,31 +532,30 @@ impl GrpcInferenceService for LocalApi {
         r: Request<ModelMetadataRequest>,
     ) -> Result<Response<ModelMetadataResponse>, Status> {
         let head = &self.edge()?.head;
-        Ok(Response::new(codec::model_metadata(head, head.name(), &r.get_ref().name)?))
+        Ok(Response::new(codec::model_metadata(head, head.name(), &r.get_ref().name, &r.get_ref().version)?))
     }
     async fn model_infer(&self, r: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
         let e = self.edge()?;
+        let deadline = request::deadline(r.metadata(), r.get_ref());
         let req = r.into_inner();
         let run = async {
-            if !req.model_name.is_empty() && req.model_name != e.head.name() {
-                return Err(ServeError::NotFound(format!(
-                    "model {:?} is not served here (this edge serves {:?})",
-                    req.model_name,
-                    e.head.name()
-                )));
-            }
-            let [input] = req.inputs.as_slice() else {
-                return Err(ServeError::InvalidArgument(format!(
-                    "expected exactly one input tensor, found {}",
-                    req.inputs.len()
-                )));
+            request::check_envelope(&req, e.head.name())?;
+            let what = format!("an image batch of model {}", e.head.name());
+            let spec = InputSpec {
+                name: "input",
+                sample: Some(&e.head.meta.input.shape),
+                max_samples: e.batcher.max_queue(),
+                pixels: true,
+                what: &what,
             };
-            let (mut t, payload) = codec::decode_input(input, req.raw_input_contents.first())?;
-            if payload == Payload::Pixels {
-                codec::normalise(&mut t, &e.head);
+            let mut decoded = request::decode(&req, &spec)?;
+            if decoded.payload == Payload::Pixels {
+                codec::normalise(&mut decoded.tensor, &e.head);
             }
-            let served = e.infer(t).await?;
-            let mut resp = codec::answers_response(e.head.name(), &req.id, &served.outcome.results, e.policy_version());
+            let input = std::mem::replace(&mut decoded.tensor, Tensor { shape: vec![0], data: vec![] });
+            let served = decoded.merge(e.infer(input, deadline).await?);
+            let resp = codec::answers_response(e.head.name(), &req.id, &served.results, e.policy_version());
+            let mut resp = request::select_outputs(&req, resp);
             let degraded: Vec<String> = served
                 .origin
                 .iter()
@@ -723,7 +566,7 @@ impl GrpcInferenceService for LocalApi {
             if !degraded.is_empty() {
                 resp.parameters.insert("classynet_degraded".into(), string_param(degraded.join(",")));
             }
-            Ok(resp)
+            Ok::<_, classynet_serving::ServeError>(resp)
         };
         let out = run.await;
         metrics::counter!(telemetry::REQUESTS, "side" => "edge", "outcome" => if out.is_ok() { "ok" } else { "error" })
@@ -780,7 +623,8 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
     let slot: EdgeSlot = Arc::default();
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, tonic_health::ServingStatus::NotServing).await;
-    let mut builder = tonic::transport::Server::builder();
+    let keepalive = Keepalive { interval_s: config.keepalive_interval_s, timeout_s: config.keepalive_timeout_s };
+    let mut builder = keepalive.server();
     if let Some(t) = server_tls {
         builder = builder.tls_config(t)?;
     }
@@ -788,8 +632,7 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
         GrpcInferenceServiceServer::with_interceptor(LocalApi(slot.clone()), BearerAuth::new(config.api_token.clone()));
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(builder.add_service(health_service).add_service(api).serve_with_incoming_shutdown(
-        // No Nagle: a batch's reply must not wait for a delayed ACK (40 ms on Linux).
-        tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+        keepalive.incoming(listener),
         async {
             let _ = rx.await;
         },
@@ -876,19 +719,29 @@ pub async fn classify(
             let _permit = permit;
             let x = make_batch(&ds, &edge.head, i..i + 1);
             let t0 = Instant::now();
-            let r = edge.infer(x).await;
+            let r = edge.infer(x, None).await;
             (r, t0.elapsed())
         }));
     }
     let mut report = RunReport::new(&edge.head, &ds.name, edge.batcher_max(), 0);
     let mut latencies = Vec::with_capacity(n);
+    // Time to answer by where the answer came from: an early exit's answer must not wait for
+    // the cloud.
+    let mut by_place: [Vec<f64>; 3] = Default::default();
     let (mut at_edge, mut at_cloud, mut degraded) = (0u64, 0u64, 0u64);
     let mut answers = Vec::with_capacity(n);
     for (i, t) in tasks.into_iter().enumerate() {
         let (r, lat) = t.await?;
         let served = r?;
-        latencies.push(lat.as_secs_f64() * 1000.0);
-        match (&served.outcome.results[0], served.origin[0]) {
+        let ms = lat.as_secs_f64() * 1000.0;
+        latencies.push(ms);
+        let place = match served.origin[0] {
+            Origin::Local => 0,
+            Origin::Remote => 1,
+            Origin::Degraded => 2,
+        };
+        by_place[place].push(ms);
+        match (&served.results[0], served.origin[0]) {
             (SampleResult::Answered(a), o) => {
                 report.answered(a, ds.labels[i]);
                 answers.push(Some((a.class, a.exit, o)));
@@ -907,24 +760,45 @@ pub async fn classify(
     report.seconds = start.elapsed().as_secs_f64();
     report.policy_version = edge.policy_version();
     let wire = edge.stats.wire_bytes.load(Ordering::Relaxed) - bytes_before;
-    latencies.sort_by(|a, b| a.partial_cmp(b).expect("latencies are finite"));
-    let pct = |p: f64| latencies[((p * latencies.len() as f64).ceil() as usize).clamp(1, latencies.len()) - 1];
+    let (p50, p90, p99) =
+        (percentile(&mut latencies, 0.5), percentile(&mut latencies, 0.9), percentile(&mut latencies, 0.99));
+    let mut place_json = serde_json::Map::new();
+    let mut place_text = Vec::new();
+    for (place, mut l) in ["edge", "cloud", "degraded"].into_iter().zip(by_place) {
+        if l.is_empty() {
+            continue;
+        }
+        let (p50, p99) = (percentile(&mut l, 0.5), percentile(&mut l, 0.99));
+        place_json.insert(place.into(), serde_json::json!({"n": l.len(), "p50": p50, "p99": p99}));
+        place_text.push(format!("{place} p50 {p50:.2} ms p99 {p99:.2} ms"));
+    }
     let mut json = report.json();
     let obj = json.as_object_mut().expect("the report is a JSON object");
     obj.insert("answered".into(), serde_json::json!({"edge": at_edge, "cloud": at_cloud, "degraded": degraded}));
-    obj.insert("latency_ms".into(), serde_json::json!({"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99)}));
+    obj.insert("latency_ms".into(), serde_json::json!({"p50": p50, "p90": p90, "p99": p99}));
+    obj.insert("latency_ms_by_place".into(), serde_json::Value::Object(place_json));
     obj.insert("wire_bytes_per_sample".into(), serde_json::json!(wire as f64 / n as f64));
     obj.insert("partition".into(), serde_json::json!(format!("E{}", edge.k)));
     let text = format!(
-        "{}\nanswered on the edge {at_edge}, in the cloud {at_cloud}, degraded {degraded} · partition E{}\nlatency p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms · {:.0} bytes on the wire per sample",
+        "{}\nanswered on the edge {at_edge}, in the cloud {at_cloud}, degraded {degraded} · partition E{}\nlatency p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms · {:.0} bytes on the wire per sample\ntime to answer: {}",
         report.table(""),
         edge.k,
-        pct(0.5),
-        pct(0.9),
-        pct(0.99),
-        wire as f64 / n as f64
+        p50,
+        p90,
+        p99,
+        wire as f64 / n as f64,
+        place_text.join(" · ")
     );
     Ok(ClassifyOutput { json, text, answers })
+}
+
+/// The p-quantile (nearest rank) of `values`, sorting them in place; 0 when there are none.
+fn percentile(values: &mut [f64], p: f64) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(|a, b| a.total_cmp(b));
+    values[((p * values.len() as f64).ceil() as usize).clamp(1, values.len()) - 1]
 }
 
 impl Edge {

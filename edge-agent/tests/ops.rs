@@ -277,7 +277,7 @@ async fn health_is_not_serving_until_warm_and_sigterm_answers_every_accepted_req
                 let req = ModelInferRequest {
                     id: i.to_string(),
                     inputs: vec![model_infer_request::InferInputTensor {
-                        name: "image".into(),
+                        name: "input".into(),
                         datatype: "UINT8".into(),
                         shape: vec![1, 1, 28, 28],
                         ..Default::default()

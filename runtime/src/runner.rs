@@ -42,6 +42,10 @@ impl Forward {
     }
 }
 
+/// Rows of a batch settled by one group (positions in the batch and their results), handed out
+/// before the rest of the batch runs; see [`SegmentedRunner::run_with`].
+pub type Decided = Vec<(usize, SampleResult)>;
+
 /// Result of one batch, in input order.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BatchOutcome {
@@ -134,6 +138,14 @@ impl<B: Backend> SegmentedRunner<B> {
 
     /// Runs one batch (`[n, ...]`).
     pub fn run(&mut self, input: Tensor) -> Result<BatchOutcome> {
+        self.run_with(input, |_| {})
+    }
+
+    /// Like [`SegmentedRunner::run`], and calls `decided` after every group that is followed by
+    /// another with the rows (positions in `input`) whose fate that group settled, so that a
+    /// caller can answer them before the deeper segments run. The returned outcome still holds
+    /// every row.
+    pub fn run_with(&mut self, input: Tensor, mut decided: impl FnMut(Decided)) -> Result<BatchOutcome> {
         let n = input.batch();
         if let Some(want) = &self.sample_shape {
             if input.shape.len() != want.len() + 1 || input.shape[1..] != want[..] || n == 0 {
@@ -162,20 +174,44 @@ impl<B: Backend> SegmentedRunner<B> {
                 )));
             }
             let mut keep = Vec::with_capacity(alive.len());
+            let mut settled = Vec::new();
             for (row, outcome) in rule.decide(&out.logits.data).into_iter().enumerate() {
                 let at = alive[row];
                 match outcome {
                     Outcome::Exit(a) => results[at] = SampleResult::Answered(a),
                     Outcome::Failed(m) => results[at] = SampleResult::Failed(m),
-                    Outcome::Continue => keep.push(row),
+                    Outcome::Continue => {
+                        keep.push(row);
+                        continue;
+                    }
                 }
+                settled.push(at);
             }
             let w = rule.width();
-            fallback = keep.iter().map(|&r| rule.fallback(&out.logits.data[r * w..(r + 1) * w])).collect();
             let Some(cut) = out.cut else {
                 debug_assert!(keep.is_empty(), "the last exit answers every sample");
                 return Ok(BatchOutcome { results, forward: None });
             };
+            // A sample whose cut is not finite (an input far outside the training range) cannot
+            // go on: it fails alone instead of poisoning the batch it would travel with.
+            let row_len = cut.row_len();
+            keep.retain(|&row| {
+                let finite = cut.data[row * row_len..(row + 1) * row_len].iter().all(|v| v.is_finite());
+                if !finite {
+                    let at = alive[row];
+                    results[at] = SampleResult::Failed(format!(
+                        "the activations after exit {} are not finite (input values far outside what the model \
+                         was trained on?)",
+                        rule.name
+                    ));
+                    settled.push(at);
+                }
+                finite
+            });
+            if !settled.is_empty() && !keep.is_empty() && !std::ptr::eq(group, self.groups.last().expect("a group")) {
+                decided(settled.iter().map(|&at| (at, results[at].clone())).collect());
+            }
+            fallback = keep.iter().map(|&r| rule.fallback(&out.logits.data[r * w..(r + 1) * w])).collect();
             // Compaction: only the samples that did not exit go on. When none exited the cut
             // tensor is passed on as it is (no copy).
             current = if keep.len() == alive.len() { cut } else { cut.gather(&keep) };

@@ -13,10 +13,10 @@ use tokio::sync::{mpsc, oneshot};
 use crate::backend::{Backend, Tensor};
 use crate::error::{Error, Result};
 use crate::exit::Policy;
-use crate::runner::{BatchOutcome, SegmentedRunner};
+use crate::runner::{BatchOutcome, Decided, SegmentedRunner};
 
 enum Job {
-    Run(Tensor, tracing::Span, oneshot::Sender<Result<BatchOutcome>>),
+    Run(Tensor, tracing::Span, Option<mpsc::UnboundedSender<Decided>>, oneshot::Sender<Result<BatchOutcome>>),
     SetPolicy(Policy, oneshot::Sender<Result<()>>),
 }
 
@@ -56,9 +56,16 @@ impl Worker {
                 };
                 while let Some(job) = rx.blocking_recv() {
                     match job {
-                        Job::Run(input, span, reply) => {
+                        Job::Run(input, span, early, reply) => {
                             let _enter = span.enter();
-                            let _ = reply.send(runner.run(input));
+                            let out = match early {
+                                // A receiver that is gone only means nobody waits for early rows.
+                                Some(tx) => runner.run_with(input, |rows| {
+                                    let _ = tx.send(rows);
+                                }),
+                                None => runner.run(input),
+                            };
+                            let _ = reply.send(out);
                         }
                         Job::SetPolicy(p, reply) => {
                             let _ = reply.send(runner.set_policy(&p));
@@ -92,7 +99,7 @@ impl Worker {
     /// receiver of its answer.
     pub fn submit(&self, input: Tensor) -> Result<Pending> {
         let (reply, rx) = oneshot::channel();
-        self.sender().blocking_send(Job::Run(input, tracing::Span::current(), reply)).map_err(|_| self.gone())?;
+        self.sender().blocking_send(Job::Run(input, tracing::Span::current(), None, reply)).map_err(|_| self.gone())?;
         Ok(rx)
     }
 
@@ -110,8 +117,25 @@ impl Worker {
     /// Runs one batch from async code without blocking the executor.
     pub async fn run(&self, input: Tensor) -> Result<BatchOutcome> {
         let (reply, rx) = oneshot::channel();
-        self.sender().send(Job::Run(input, tracing::Span::current(), reply)).await.map_err(|_| self.gone())?;
+        self.sender().send(Job::Run(input, tracing::Span::current(), None, reply)).await.map_err(|_| self.gone())?;
         rx.await.map_err(|_| self.gone())?
+    }
+
+    /// Queues one batch from async code; rows settled by an early exit arrive on `early` while
+    /// deeper segments still run (every message is sent before the final outcome), and the
+    /// returned receiver gives the whole outcome.
+    pub async fn submit_streaming(&self, input: Tensor, early: mpsc::UnboundedSender<Decided>) -> Result<Pending> {
+        let (reply, rx) = oneshot::channel();
+        self.sender()
+            .send(Job::Run(input, tracing::Span::current(), Some(early), reply))
+            .await
+            .map_err(|_| self.gone())?;
+        Ok(rx)
+    }
+
+    /// Error for a [`Pending`] whose worker went away.
+    pub fn gone_error(&self) -> Error {
+        self.gone()
     }
 
     /// Replaces the exit policy; batches queued after this call use it.

@@ -47,16 +47,18 @@ impl WireDtype {
     }
 }
 
-/// Bytes per element of a v2 datatype this server reads.
-fn elem_size(datatype: &str) -> Option<usize> {
+/// Bytes per element of the v2 datatypes this server reads (and no others).
+pub fn elem_size(datatype: &str) -> Option<usize> {
     match datatype {
-        "FP32" | "INT32" => Some(4),
+        "FP32" => Some(4),
         "FP16" => Some(2),
         "INT8" | "UINT8" => Some(1),
-        "INT64" => Some(8),
         _ => None,
     }
 }
+
+/// The datatypes [`elem_size`] knows, for messages.
+pub const READABLE_DTYPES: &str = "FP32, FP16, INT8 or UINT8";
 
 /// Reads a float parameter (double, int64 or string choices are all accepted).
 pub fn param_f64(params: &HashMap<String, InferParameter>, key: &str) -> Option<f64> {
@@ -106,18 +108,23 @@ pub enum Payload {
     Pixels,
 }
 
-/// Decodes one input tensor to float32, checking its byte length against shape × datatype.
-/// `raw` is its entry of `raw_input_contents`, if the request used raw contents.
+/// Decodes one input tensor to float32, checking its byte length against shape × datatype with
+/// overflow-safe arithmetic before anything is allocated. `raw` is its entry of
+/// `raw_input_contents`, if the request used raw contents. Values are not checked for
+/// finiteness here: a caller decides per sample (see `request`).
 pub fn decode_input(input: &InferInputTensor, raw: Option<&Bytes>) -> ServeResult<(Tensor, Payload)> {
     let bad = |m: String| ServeError::InvalidArgument(format!("input `{}`: {m}", input.name));
     if input.shape.iter().any(|&d| d < 0) {
         return Err(bad(format!("shape {:?} has a negative dimension", input.shape)));
     }
     let shape: Vec<usize> = input.shape.iter().map(|&d| d as usize).collect();
-    let n: usize = shape.iter().product();
-    let size = elem_size(&input.datatype).ok_or_else(|| {
-        bad(format!("datatype {:?} is not supported (expected FP32, FP16, INT8 or UINT8)", input.datatype))
-    })?;
+    let size = elem_size(&input.datatype)
+        .ok_or_else(|| bad(format!("datatype {:?} is not supported (expected {READABLE_DTYPES})", input.datatype)))?;
+    let n = shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .filter(|n| n.checked_mul(size).is_some())
+        .ok_or_else(|| bad(format!("shape {:?} holds more elements than any request can carry", input.shape)))?;
     let data: Vec<f32> = match raw {
         Some(bytes) => {
             if bytes.len() != n * size {
@@ -142,22 +149,24 @@ pub fn decode_input(input: &InferInputTensor, raw: Option<&Bytes>) -> ServeResul
         }
         None => {
             let c = input.contents.as_ref().ok_or_else(|| bad("has neither raw_input_contents nor contents".into()))?;
-            let v: Vec<f32> = match input.datatype.as_str() {
-                "FP32" => c.fp32_contents.clone(),
-                "UINT8" => c.uint_contents.iter().map(|&v| v as f32).collect(),
+            let found = match input.datatype.as_str() {
+                "FP32" => c.fp32_contents.len(),
+                "UINT8" => c.uint_contents.len(),
                 other => {
-                    return Err(bad(format!("typed contents of {other} are not supported; send raw_input_contents")))
+                    return Err(bad(format!(
+                        "typed contents of {other} are not supported (FP32 and UINT8 are); send raw_input_contents"
+                    )))
                 }
             };
-            if v.len() != n {
-                return Err(bad(format!("shape {:?} needs {n} values, found {}", input.shape, v.len())));
+            if found != n {
+                return Err(bad(format!("shape {:?} needs {n} values, found {found}", input.shape)));
             }
-            v
+            match input.datatype.as_str() {
+                "FP32" => c.fp32_contents.clone(),
+                _ => c.uint_contents.iter().map(|&v| v as f32).collect(),
+            }
         }
     };
-    if let Some(i) = data.iter().position(|v| !v.is_finite()) {
-        return Err(bad(format!("element {i} is {} ; values must be finite", data[i])));
-    }
     let payload = if input.datatype == "UINT8" { Payload::Pixels } else { Payload::Values };
     Ok((Tensor { shape, data }, payload))
 }
@@ -218,24 +227,21 @@ pub fn encode_tensor(name: &str, t: &Tensor, dtype: WireDtype) -> (InferInputTen
 }
 
 /// The v2 ModelMetadata of a served ClassyNet model: an FP32 image batch in, the four answer
-/// outputs out. `requested` is the name the client asked for.
+/// outputs out. `requested` and `version` are what the client asked for.
 pub fn model_metadata(
     model: &classynet_runtime::model::Model,
     served_as: &str,
     requested: &str,
+    version: &str,
 ) -> ServeResult<classynet_proto::inference::ModelMetadataResponse> {
     use classynet_proto::inference::model_metadata_response::TensorMetadata;
-    if requested != served_as {
-        return Err(ServeError::NotFound(format!(
-            "model {requested:?} is not served here (this server serves {served_as:?})"
-        )));
-    }
+    crate::request::check_model(requested, version, served_as)?;
     let mut shape = vec![-1i64];
     shape.extend(model.meta.input.shape.iter().map(|&d| d as i64));
     let t = |name: &str, dt: &str, shape: Vec<i64>| TensorMetadata { name: name.into(), datatype: dt.into(), shape };
     Ok(classynet_proto::inference::ModelMetadataResponse {
         name: served_as.into(),
-        versions: vec![],
+        versions: vec![crate::request::MODEL_VERSION.into()],
         platform: "onnxruntime_onnx".into(),
         inputs: vec![t("input", "FP32", shape)],
         outputs: vec![
@@ -321,7 +327,7 @@ pub fn answers_response(
     }
     ModelInferResponse {
         model_name: model_name.into(),
-        model_version: String::new(),
+        model_version: crate::request::MODEL_VERSION.into(),
         id: id.into(),
         parameters,
         outputs: vec![out("label", "INT64"), out("exit", "INT32"), out("entropy", "FP32"), out("probability", "FP32")],
@@ -393,12 +399,9 @@ mod tests {
             InferInputTensor { name: "input".into(), datatype: "FP32".into(), shape: vec![2, 2], ..Default::default() };
         let e = decode_input(&input, Some(&Bytes::from(vec![0u8; 12]))).unwrap_err().to_string();
         assert_eq!(e, "input `input`: shape [2, 2] of FP32 needs 16 bytes, found 12");
-        let mut nan = BytesMut::new();
-        for v in [1.0f32, f32::NAN, 0.0, 0.0] {
-            nan.put_f32_le(v);
-        }
-        let e = decode_input(&input, Some(&nan.freeze())).unwrap_err().to_string();
-        assert!(e.contains("element 1 is NaN"), "{e}");
+        let huge = InferInputTensor { shape: vec![1 << 40, 1 << 40], ..input.clone() };
+        let e = decode_input(&huge, Some(&Bytes::new())).unwrap_err().to_string();
+        assert!(e.contains("more elements than any request can carry"), "{e}");
         let bf = InferInputTensor { datatype: "BF16".into(), ..input.clone() };
         assert!(decode_input(&bf, Some(&Bytes::new())).unwrap_err().to_string().contains("BF16"));
         let q = InferInputTensor { datatype: "INT8".into(), ..input };

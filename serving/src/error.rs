@@ -18,6 +18,9 @@ pub enum ServeError {
     /// The model, the worker or the peer is not available.
     #[error("{0}")]
     Unavailable(String),
+    /// The caller's deadline passed before the work was done.
+    #[error("{0}")]
+    DeadlineExceeded(String),
     /// The request was refused for a state reason (for example a model fingerprint mismatch).
     #[error("{0}")]
     FailedPrecondition(String),
@@ -34,8 +37,41 @@ impl ServeError {
             ServeError::NotFound(_) => "not_found",
             ServeError::ResourceExhausted(_) => "resource_exhausted",
             ServeError::Unavailable(_) => "unavailable",
+            ServeError::DeadlineExceeded(_) => "deadline_exceeded",
             ServeError::FailedPrecondition(_) => "failed_precondition",
             ServeError::Runtime(e) => e.error_type(),
+        }
+    }
+
+    /// The gRPC status code this error becomes.
+    pub fn code(&self) -> Code {
+        use classynet_runtime::Error as R;
+        match self {
+            ServeError::InvalidArgument(_) => Code::InvalidArgument,
+            ServeError::NotFound(_) => Code::NotFound,
+            ServeError::ResourceExhausted(_) => Code::ResourceExhausted,
+            ServeError::Unavailable(_) => Code::Unavailable,
+            ServeError::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            ServeError::FailedPrecondition(_) => Code::FailedPrecondition,
+            ServeError::Runtime(r) => match r {
+                R::Input(_) | R::Policy(_) | R::Parse(_) => Code::InvalidArgument,
+                R::WorkerGone(_) | R::RuntimeLibrary(_) => Code::Unavailable,
+                _ => Code::Internal,
+            },
+        }
+    }
+
+    /// The same error again (same status code and message), for every request of a batch that
+    /// failed as a whole.
+    pub fn duplicate(&self) -> ServeError {
+        let msg = self.to_string();
+        match self.code() {
+            Code::InvalidArgument => ServeError::InvalidArgument(msg),
+            Code::NotFound => ServeError::NotFound(msg),
+            Code::ResourceExhausted => ServeError::ResourceExhausted(msg),
+            Code::DeadlineExceeded => ServeError::DeadlineExceeded(msg),
+            Code::FailedPrecondition => ServeError::FailedPrecondition(msg),
+            _ => ServeError::Unavailable(msg),
         }
     }
 }
@@ -45,19 +81,6 @@ pub type ServeResult<T> = Result<T, ServeError>;
 
 impl From<ServeError> for Status {
     fn from(e: ServeError) -> Status {
-        use classynet_runtime::Error as R;
-        let code = match &e {
-            ServeError::InvalidArgument(_) => Code::InvalidArgument,
-            ServeError::NotFound(_) => Code::NotFound,
-            ServeError::ResourceExhausted(_) => Code::ResourceExhausted,
-            ServeError::Unavailable(_) => Code::Unavailable,
-            ServeError::FailedPrecondition(_) => Code::FailedPrecondition,
-            ServeError::Runtime(r) => match r {
-                R::Input(_) | R::Policy(_) | R::Parse(_) => Code::InvalidArgument,
-                R::WorkerGone(_) | R::RuntimeLibrary(_) => Code::Unavailable,
-                _ => Code::Internal,
-            },
-        };
-        Status::new(code, e.to_string())
+        Status::new(e.code(), e.to_string())
     }
 }

@@ -9,9 +9,11 @@
 pub mod batcher;
 pub mod codec;
 pub mod error;
+pub mod request;
 pub mod security;
 pub mod systemd;
 pub mod telemetry;
+pub mod transport;
 
 pub use error::{ServeError, ServeResult};
 

@@ -31,6 +31,12 @@ pub const POLICY_VERSION: &str = "classynet_policy_version";
 /// Policies refused (invalid file on the cloud, or refused by an edge).
 pub const POLICY_REJECTIONS: &str = "classynet_policy_rejections_total";
 
+/// Requests refused before any work, by reason (queue_full, queue_delay, too_large, deadline).
+pub const SHED: &str = "classynet_requests_shed_total";
+/// Seconds from a request's arrival to its answer, per sample, by where it was answered (edge,
+/// cloud, degraded): an early exit's answer does not wait for the cloud.
+pub const ANSWER_SECONDS: &str = "classynet_answer_seconds";
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum LogFormat {
@@ -63,6 +69,9 @@ pub fn recorder() -> &'static PrometheusHandle {
         let recorder = PrometheusBuilder::new()
             .set_buckets_for_metric(metrics_exporter_prometheus::Matcher::Full(STAGE_SECONDS.into()), &buckets)
             .and_then(|b| {
+                b.set_buckets_for_metric(metrics_exporter_prometheus::Matcher::Full(ANSWER_SECONDS.into()), &buckets)
+            })
+            .and_then(|b| {
                 b.set_buckets_for_metric(metrics_exporter_prometheus::Matcher::Full(BATCH_SIZE.into()), &sizes)
             })
             .expect("bucket lists are non-empty")
@@ -91,6 +100,12 @@ fn describe() {
     metrics::describe_counter!(WIRE_BYTES, metrics::Unit::Bytes, "Bytes of cut tensors sent to the cloud.");
     metrics::describe_gauge!(POLICY_VERSION, "Version of the exit policy in force.");
     metrics::describe_counter!(POLICY_REJECTIONS, "Exit policies refused.");
+    metrics::describe_counter!(SHED, "Requests refused before any work, by reason.");
+    metrics::describe_histogram!(
+        ANSWER_SECONDS,
+        metrics::Unit::Seconds,
+        "Time from a request's arrival to its answer, per sample, by where it was answered."
+    );
 }
 
 /// Serves `GET /metrics` (Prometheus text format) on `listen`; returns the bound address.
