@@ -9,15 +9,20 @@
 //! once against the relay), so a new connection's first exchange is 2 × delay shorter than on a real
 //! link; and a direction carries at most `max_buffer` bytes per `delay`, the relay's in-flight
 //! window, which should stay well above the shaped rate × delay.
+//!
+//! For fault injection, [`Handle::stall_existing`] makes the connections open at that moment go
+//! silent, as a NAT timeout or a Wi-Fi drop does to a TCP connection: no FIN, no RST, the bytes
+//! just stop arriving, while connections accepted afterwards are relayed normally. It tests what
+//! only an end-to-end liveness check (an HTTP/2 PING with a timeout) can notice.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
@@ -68,6 +73,8 @@ pub struct Stats {
     pub bytes_to_client: u64,
     /// Most payload bytes ever queued at once in one direction of one connection.
     pub max_queued: usize,
+    /// Connections silenced by [`Handle::stall_existing`], in all.
+    pub stalled: u64,
 }
 
 #[derive(Default)]
@@ -77,6 +84,40 @@ struct Counters {
     to_upstream: AtomicU64,
     to_client: AtomicU64,
     max_queued: AtomicUsize,
+    stalled: AtomicU64,
+}
+
+/// A stall request: the connection answers on the enclosed sender once it has stopped relaying.
+type StallRequest = oneshot::Sender<()>;
+
+/// The connections still relaying, by accept order, each with the means to stall it. A
+/// connection leaves when it ends or when it is stalled, so a second stall only counts the
+/// connections accepted since the first.
+#[derive(Default)]
+struct Relaying {
+    next_id: AtomicU64,
+    stall: Mutex<HashMap<u64, oneshot::Sender<StallRequest>>>,
+}
+
+impl Relaying {
+    fn register(self: &Arc<Self>) -> (Registration, oneshot::Receiver<StallRequest>) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (sender, receiver) = oneshot::channel();
+        self.stall.lock().expect("no code panics while holding the registry").insert(id, sender);
+        (Registration { id, relaying: self.clone() }, receiver)
+    }
+}
+
+/// Takes its connection out of [`Relaying`] when the connection's task ends, however it ends.
+struct Registration {
+    id: u64,
+    relaying: Arc<Relaying>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.relaying.stall.lock().expect("no code panics while holding the registry").remove(&self.id);
+    }
 }
 
 /// A running relay. Dropping it also stops the relay, without waiting for it.
@@ -84,13 +125,14 @@ pub struct Handle {
     /// The address actually bound (the chosen port when [`Config::listen`] had port 0).
     pub addr: SocketAddr,
     counters: Arc<Counters>,
+    relaying: Arc<Relaying>,
     stop: oneshot::Sender<()>,
     task: JoinHandle<()>,
 }
 
 impl Handle {
-    /// Stops accepting, closes every relayed connection (dropping what is still queued) and waits
-    /// until that is done.
+    /// Stops accepting, closes every relayed connection (dropping what is still queued), stalled
+    /// ones included, and waits until that is done.
     pub async fn stop(self) {
         let _ = self.stop.send(());
         let _ = self.task.await;
@@ -105,7 +147,41 @@ impl Handle {
             bytes_to_upstream: c.to_upstream.load(Ordering::Relaxed),
             bytes_to_client: c.to_client.load(Ordering::Relaxed),
             max_queued: c.max_queued.load(Ordering::Relaxed),
+            stalled: c.stalled.load(Ordering::Relaxed),
         }
+    }
+
+    /// Silently stalls every connection open now, in both directions, as a NAT timeout or a
+    /// Wi-Fi drop would: its sockets stay open (no FIN, no RST) but nothing more is delivered, and
+    /// what was queued for delay is dropped. Connections accepted afterwards are relayed normally.
+    /// Returns how many connections it stalled (those stalled before are not counted again), once
+    /// every one of them has stopped relaying, so nothing written after this returns gets through.
+    ///
+    /// A stalled connection is no longer read, so TCP flow control pushes back on its senders
+    /// once the socket buffers are full and it holds bounded memory. Its two sockets stay open
+    /// until [`Handle::stop`]. Unlike a real black hole, the relay's kernel still acknowledges
+    /// what fits in those buffers, so TCP keepalive probes keep succeeding: only an end-to-end
+    /// check, such as an HTTP/2 PING with a timeout, notices the stall.
+    pub async fn stall_existing(&self) -> usize {
+        let open = std::mem::take(&mut *self.relaying.stall.lock().expect("no code panics while holding the registry"));
+        let mut acknowledgements = Vec::with_capacity(open.len());
+        for stall in open.into_values() {
+            let (ack, acknowledged) = oneshot::channel();
+            // A send fails only when the connection ended meanwhile: nothing left to stall.
+            if stall.send(ack).is_ok() {
+                acknowledgements.push(acknowledged);
+            }
+        }
+        let mut stalled = 0;
+        for acknowledged in acknowledgements {
+            // An error means the connection ended before it saw the request.
+            if acknowledged.await.is_ok() {
+                stalled += 1;
+            }
+        }
+        self.counters.stalled.fetch_add(stalled as u64, Ordering::Relaxed);
+        debug!("stalled {stalled} connections");
+        stalled
     }
 }
 
@@ -140,9 +216,10 @@ pub async fn start(config: Config) -> io::Result<Handle> {
         config.max_buffer
     );
     let counters = Arc::new(Counters::default());
+    let relaying = Arc::new(Relaying::default());
     let (stop, stopped) = oneshot::channel();
-    let task = tokio::spawn(accept_loop(listener, Arc::new(config), counters.clone(), stopped));
-    Ok(Handle { addr, counters, stop, task })
+    let task = tokio::spawn(accept_loop(listener, Arc::new(config), counters.clone(), relaying.clone(), stopped));
+    Ok(Handle { addr, counters, relaying, stop, task })
 }
 
 /// Fails early on a malformed or unresolvable upstream rather than on every connection later.
@@ -169,6 +246,7 @@ async fn accept_loop(
     listener: TcpListener,
     config: Arc<Config>,
     counters: Arc<Counters>,
+    relaying: Arc<Relaying>,
     mut stopped: oneshot::Receiver<()>,
 ) {
     let mut connections = JoinSet::new();
@@ -182,7 +260,17 @@ async fn accept_loop(
             accepted = listener.accept() => match accepted {
                 Ok((client, peer)) => {
                     counters.connections.fetch_add(1, Ordering::Relaxed);
-                    connections.spawn(relay_connection(client, peer, config.clone(), counters.clone()));
+                    // Registered before anything else can happen, so that a stall from now on
+                    // reaches this connection.
+                    let (registration, stall) = relaying.register();
+                    connections.spawn(relay_connection(
+                        client,
+                        peer,
+                        config.clone(),
+                        counters.clone(),
+                        registration,
+                        stall,
+                    ));
                 }
                 Err(e) => {
                     // Typically out of file descriptors: pause so that open connections can finish
@@ -197,33 +285,73 @@ async fn accept_loop(
     connections.shutdown().await;
 }
 
-async fn relay_connection(client: TcpStream, peer: SocketAddr, config: Arc<Config>, counters: Arc<Counters>) {
-    let upstream = match TcpStream::connect(config.upstream.as_str()).await {
-        Ok(stream) => stream,
-        Err(e) => {
-            counters.upstream_failures.fetch_add(1, Ordering::Relaxed);
-            warn!("cannot connect to upstream {}: {e}; closing client {peer}", config.upstream);
+/// Relays one connection until it ends, or until it is stalled: then it holds both sockets
+/// without reading or writing until the relay stops and the task is aborted.
+async fn relay_connection(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    config: Arc<Config>,
+    counters: Arc<Counters>,
+    registration: Registration,
+    mut stall: oneshot::Receiver<StallRequest>,
+) {
+    // Owned here rather than by the relaying future: a stall drops that future, and the sockets
+    // must outlive it, or closing them would send the FIN a silent stall must not send.
+    let mut upstream = None;
+    let relaying = relay(&mut client, &mut upstream, peer, &config, &counters);
+    let ack = tokio::select! {
+        // Checked first on every wake-up, so that no byte is relayed once a stall was requested.
+        biased;
+        // Only a request stalls: an error just means the relay stopped, and the task is aborted.
+        Ok(ack) = &mut stall => ack,
+        result = relaying => {
+            match result {
+                Ok(()) => debug!("connection from {peer} closed"),
+                Err(e) => debug!("connection from {peer} ended: {e}"),
+            }
             return;
         }
     };
+    // Dropping the relaying future dropped what it had queued; only the sockets remain.
+    drop(registration);
+    let _ = ack.send(());
+    debug!("connection from {peer} stalled");
+    let _held = (client, upstream);
+    std::future::pending::<()>().await;
+}
+
+/// Connects to the upstream (kept in `upstream`) and relays both directions until both have
+/// ended, or until the first error.
+async fn relay(
+    client: &mut TcpStream,
+    upstream: &mut Option<TcpStream>,
+    peer: SocketAddr,
+    config: &Config,
+    counters: &Counters,
+) -> io::Result<()> {
+    let upstream = match TcpStream::connect(config.upstream.as_str()).await {
+        Ok(stream) => upstream.insert(stream),
+        Err(e) => {
+            counters.upstream_failures.fetch_add(1, Ordering::Relaxed);
+            warn!("cannot connect to upstream {}: {e}; closing client {peer}", config.upstream);
+            return Ok(());
+        }
+    };
     // Small RPC frames must not also wait for Nagle's algorithm on top of the emulated delay.
-    for stream in [&client, &upstream] {
+    for stream in [&*client, &*upstream] {
         if let Err(e) = stream.set_nodelay(true) {
             debug!("cannot set TCP_NODELAY for {peer}: {e}");
         }
     }
     debug!("relaying {peer} to {}", config.upstream);
-    let (client_read, client_write) = client.into_split();
-    let (upstream_read, upstream_write) = upstream.into_split();
-    // An error in either direction drops both, which closes both sockets.
-    let result = tokio::try_join!(
-        relay_direction(client_read, upstream_write, &config, &counters, &counters.to_upstream),
-        relay_direction(upstream_read, client_write, &config, &counters, &counters.to_client),
-    );
-    match result {
-        Ok(_) => debug!("connection from {peer} closed"),
-        Err(e) => debug!("connection from {peer} ended: {e}"),
-    }
+    let (client_read, client_write) = client.split();
+    let (upstream_read, upstream_write) = upstream.split();
+    // An error in either direction ends both; the caller then drops, and so closes, both sockets.
+    tokio::try_join!(
+        relay_direction(client_read, upstream_write, config, counters, &counters.to_upstream),
+        relay_direction(upstream_read, client_write, config, counters, &counters.to_client),
+    )
+    .map(|_| ())
 }
 
 struct Chunk {
@@ -237,8 +365,8 @@ struct Chunk {
 /// `from` reached EOF and everything read was written and `to` shut down (so a half-close reaches
 /// the other side), or at the first error.
 async fn relay_direction(
-    mut from: OwnedReadHalf,
-    mut to: OwnedWriteHalf,
+    mut from: impl AsyncRead + Unpin,
+    mut to: impl AsyncWrite + Unpin,
     config: &Config,
     counters: &Counters,
     delivered: &AtomicU64,

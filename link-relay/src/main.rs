@@ -1,4 +1,5 @@
-//! `link-relay`: parses flags, runs [`link_relay::start`] until SIGINT or SIGTERM.
+//! `link-relay`: parses flags, runs [`link_relay::start`] until SIGINT or SIGTERM; SIGUSR1 stalls
+//! the connections open at that moment ([`link_relay::Handle::stall_existing`]).
 use std::io::Write;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -11,6 +12,10 @@ use clap::Parser;
 /// Every connection accepted on --listen is relayed to --upstream; every byte, in each direction,
 /// is delivered --delay-ms after the relay read it (a round trip gains 2 × delay). Once bound it
 /// prints "link-relay listening on ADDR" on stdout; it runs until SIGINT or SIGTERM.
+///
+/// SIGUSR1 silently stalls every connection open at that moment, as a NAT timeout or a Wi-Fi drop
+/// would: no FIN, no RST, nothing more delivered in either direction, until the relay stops.
+/// Connections accepted afterwards are relayed normally. It logs how many it stalled.
 #[derive(Debug, Parser)]
 #[command(name = "link-relay", version)]
 struct Args {
@@ -36,8 +41,10 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     link_relay::init_logging();
     // Installed before the listening line goes out, so a script that signals as soon as it has
-    // read the line still gets a clean exit.
+    // read the line still gets a clean exit, or a stall rather than the default action of SIGUSR1,
+    // which kills the process.
     let shutdown = shutdown_signal()?;
+    let mut stall = stall_signal()?;
     let relay = link_relay::start(link_relay::Config {
         listen: args.listen,
         upstream: args.upstream,
@@ -49,7 +56,16 @@ async fn main() -> anyhow::Result<()> {
     writeln!(stdout, "link-relay listening on {}", relay.addr)?;
     stdout.flush()?;
     drop(stdout);
-    shutdown.await;
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            () = stall.next() => {
+                let n = relay.stall_existing().await;
+                tracing::info!("SIGUSR1: stalled {n} open connections silently; new connections are relayed");
+            }
+        }
+    }
     tracing::info!("stopping");
     relay.stop().await;
     Ok(())
@@ -74,6 +90,42 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
             _ = terminate.recv() => {}
         }
     })
+}
+
+/// Delivers every SIGUSR1.
+#[cfg(unix)]
+struct StallSignal(tokio::signal::unix::Signal);
+
+#[cfg(unix)]
+impl StallSignal {
+    async fn next(&mut self) {
+        if self.0.recv().await.is_none() {
+            // The signal driver is gone, so no SIGUSR1 can arrive any more.
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+#[cfg(unix)]
+fn stall_signal() -> std::io::Result<StallSignal> {
+    use tokio::signal::unix::{signal, SignalKind};
+    Ok(StallSignal(signal(SignalKind::user_defined1())?))
+}
+
+/// No SIGUSR1 outside Unix: never delivers.
+#[cfg(not(unix))]
+struct StallSignal;
+
+#[cfg(not(unix))]
+impl StallSignal {
+    async fn next(&mut self) {
+        std::future::pending::<()>().await;
+    }
+}
+
+#[cfg(not(unix))]
+fn stall_signal() -> std::io::Result<StallSignal> {
+    Ok(StallSignal)
 }
 
 #[cfg(not(unix))]

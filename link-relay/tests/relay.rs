@@ -1,5 +1,5 @@
 //! The relay over real sockets on 127.0.0.1: delay, integrity and order, the buffer bound, an
-//! unreachable upstream, stopping, and the binary.
+//! unreachable upstream, silent stalls, stopping, and the binary.
 
 use std::io::BufRead;
 use std::net::SocketAddr;
@@ -10,7 +10,7 @@ use link_relay::{Config, Handle, DEFAULT_MAX_BUFFER};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::RwLock;
+use tokio::sync::{mpsc, RwLock};
 use tokio::time::{timeout, Instant};
 
 const MIB: usize = 1024 * 1024;
@@ -266,6 +266,113 @@ async fn unreachable_upstream_closes_the_client_and_relay_recovers() {
     .expect("finished within 20 s");
 }
 
+/// An upstream that hands each accepted connection to the test, to drive its server side.
+async fn upstream_server() -> (SocketAddr, mpsc::UnboundedReceiver<TcpStream>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (sender, receiver) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            stream.set_nodelay(true).unwrap();
+            if sender.send(stream).is_err() {
+                return;
+            }
+        }
+    });
+    (addr, receiver)
+}
+
+/// Connects a client through the relay and returns it with the upstream's side of the
+/// connection, after one message each way got through.
+async fn relayed_pair(relay: SocketAddr, accepted: &mut mpsc::UnboundedReceiver<TcpStream>) -> (TcpStream, TcpStream) {
+    let mut client = TcpStream::connect(relay).await.unwrap();
+    client.set_nodelay(true).unwrap();
+    client.write_all(b"hello").await.unwrap();
+    let mut server = accepted.recv().await.unwrap();
+    let mut buf = [0u8; 5];
+    server.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"hello");
+    server.write_all(b"world").await.unwrap();
+    client.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"world");
+    (client, server)
+}
+
+/// What a read on `stream` gives within `within`: None when it is still waiting, which is what a
+/// silently stalled connection must show (data or EOF would both be wrong).
+async fn read_within(stream: &mut TcpStream, within: Duration) -> Option<std::io::Result<usize>> {
+    let mut buf = [0u8; 1024];
+    timeout(within, stream.read(&mut buf)).await.ok()
+}
+
+#[tokio::test]
+async fn stall_silences_open_connections_and_relays_new_ones() {
+    let _cpu = CPU.read().await;
+    timeout(Duration::from_secs(30), async {
+        let (upstream, mut accepted) = upstream_server().await;
+        let relay = start_relay(upstream, 5, MIB).await;
+        let (mut old_client, mut old_server) = relayed_pair(relay.addr, &mut accepted).await;
+        let before = relay.stats();
+
+        assert_eq!(relay.stall_existing().await, 1);
+        old_client.write_all(b"lost to the upstream").await.unwrap();
+        old_server.write_all(b"lost to the client").await.unwrap();
+        // Neither data nor EOF (nor a reset) on either side.
+        let (to_server, to_client) = tokio::join!(
+            read_within(&mut old_server, Duration::from_millis(500)),
+            read_within(&mut old_client, Duration::from_millis(500)),
+        );
+        assert!(to_server.is_none(), "the upstream's side of a stalled connection read {to_server:?}");
+        assert!(to_client.is_none(), "the client's side of a stalled connection read {to_client:?}");
+        let after = relay.stats();
+        assert_eq!(
+            (after.bytes_to_upstream, after.bytes_to_client),
+            (before.bytes_to_upstream, before.bytes_to_client)
+        );
+        assert_eq!(after.stalled, 1);
+
+        // The relay no longer reads the stalled connection, so flow control pushes back on a
+        // writer instead of the relay buffering: far more than any socket buffers never goes out.
+        let flood = vec![7u8; 64 * MIB];
+        let pushed = timeout(Duration::from_secs(2), old_client.write_all(&flood)).await;
+        assert!(pushed.is_err(), "64 MiB written into a stalled connection without push-back");
+
+        // A connection accepted after the stall is relayed normally, both ways.
+        let (mut new_client, mut new_server) = relayed_pair(relay.addr, &mut accepted).await;
+        let data = Rng(7).bytes(MIB);
+        new_client.write_all(&data).await.unwrap();
+        let mut got = vec![0u8; data.len()];
+        new_server.read_exact(&mut got).await.unwrap();
+        assert!(got == data, "the new connection corrupted data");
+
+        // A second stall counts only the connection opened since the first; the old one is still
+        // silent rather than closed.
+        assert_eq!(relay.stall_existing().await, 1);
+        assert_eq!(relay.stall_existing().await, 0);
+        assert_eq!(relay.stats().stalled, 2);
+        assert!(read_within(&mut old_server, Duration::from_millis(100)).await.is_none());
+
+        // Stopping the relay closes the stalled connections too.
+        relay.stop().await;
+        for stream in [&mut old_client, &mut old_server, &mut new_client, &mut new_server] {
+            let mut buf = vec![0u8; 64 * 1024];
+            // A stalled socket may still hold bytes the relay never read: read past them.
+            let end = timeout(Duration::from_secs(5), async {
+                loop {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    }
+                }
+            })
+            .await;
+            assert!(end.is_ok(), "a stalled connection still open 5 s after stop");
+        }
+    })
+    .await
+    .expect("finished within 30 s");
+}
+
 #[tokio::test]
 async fn stop_closes_connections_and_the_listener() {
     timeout(Duration::from_secs(20), async {
@@ -362,6 +469,69 @@ async fn binary_prints_its_address_relays_and_exits_on_sigterm() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         assert!(status.success(), "exit after SIGTERM: {status}");
+    })
+    .await
+    .expect("finished within 30 s");
+}
+
+#[tokio::test]
+async fn binary_stalls_open_connections_on_sigusr1() {
+    timeout(Duration::from_secs(30), async {
+        let (upstream, mut accepted) = upstream_server().await;
+        let mut child = Child(
+            relay_command()
+                .args(["--listen", "127.0.0.1:0", "--upstream", &upstream.to_string(), "--delay-ms", "0"])
+                .env("RUST_LOG", "info")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        let stdout = child.0.stdout.take().unwrap();
+        let stderr = child.0.stderr.take().unwrap();
+        let line = tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            std::io::BufReader::new(stdout).read_line(&mut line).unwrap();
+            line
+        })
+        .await
+        .unwrap();
+        let addr: SocketAddr = line
+            .strip_prefix("link-relay listening on ")
+            .and_then(|rest| rest.trim_end().parse().ok())
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+        // Every stderr line, as it comes.
+        let (lines_sender, mut lines) = mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = lines_sender.send(line);
+            }
+        });
+
+        let (mut old_client, mut old_server) = relayed_pair(addr, &mut accepted).await;
+        let killed = Command::new("kill").args(["-USR1", &child.0.id().to_string()]).status().unwrap();
+        assert!(killed.success());
+        let logged = timeout(Duration::from_secs(5), async {
+            while let Some(line) = lines.recv().await {
+                if line.contains("SIGUSR1") {
+                    return line;
+                }
+            }
+            panic!("stderr closed before the stall was logged");
+        })
+        .await
+        .expect("the stall logged within 5 s");
+        assert!(logged.contains("stalled 1 "), "{logged}");
+        assert!(child.0.try_wait().unwrap().is_none(), "the relay exited on SIGUSR1");
+
+        old_client.write_all(b"lost").await.unwrap();
+        old_server.write_all(b"lost").await.unwrap();
+        let (to_server, to_client) = tokio::join!(
+            read_within(&mut old_server, Duration::from_millis(500)),
+            read_within(&mut old_client, Duration::from_millis(500)),
+        );
+        assert!(to_server.is_none() && to_client.is_none(), "a stalled connection read {to_server:?} {to_client:?}");
+        relayed_pair(addr, &mut accepted).await;
     })
     .await
     .expect("finished within 30 s");

@@ -58,13 +58,24 @@ impl Worker {
                     match job {
                         Job::Run(input, span, early, reply) => {
                             let _enter = span.enter();
-                            let out = match early {
+                            // A panic in a backend fails this batch, not the thread: the
+                            // requests after it are still served.
+                            let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match early {
                                 // A receiver that is gone only means nobody waits for early rows.
                                 Some(tx) => runner.run_with(input, |rows| {
                                     let _ = tx.send(rows);
                                 }),
                                 None => runner.run(input),
-                            };
+                            }))
+                            .unwrap_or_else(|panic| {
+                                let why = panic
+                                    .downcast_ref::<&str>()
+                                    .map(|s| s.to_string())
+                                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                                    .unwrap_or_else(|| "unknown panic".into());
+                                tracing::error!("the inference backend panicked on a batch: {why}");
+                                Err(Error::Backend(format!("the inference backend failed on this batch: {why}")))
+                            });
                             let _ = reply.send(out);
                         }
                         Job::SetPolicy(p, reply) => {

@@ -472,3 +472,230 @@ fn concat<'a>(parts: impl Iterator<Item = &'a Tensor> + Clone) -> Tensor {
     shape[0] = n;
     Tensor { shape, data }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::ops::Range;
+
+    use classynet_runtime::backend::{Backend, SegmentOutput};
+    use classynet_runtime::exit::Policy;
+    use classynet_runtime::format::ModelMeta;
+    use classynet_runtime::runner::SegmentedRunner;
+
+    use super::*;
+
+    /// A fake model over 1-value samples with `segments` segments of 4 classes: a sample of value
+    /// v leaves at exit v / 10 with class v mod 4 (or is forwarded past the last segment held);
+    /// segment s sleeps `pause[s]` per batch, like a deeper, slower block.
+    struct Fake {
+        segments: usize,
+        total: usize,
+        pause: Vec<Duration>,
+    }
+
+    impl Backend for Fake {
+        fn num_segments(&self) -> usize {
+            self.segments
+        }
+        fn prepare(&mut self, _groups: &[Range<usize>]) -> classynet_runtime::Result<()> {
+            Ok(())
+        }
+        fn run_group(&mut self, group: Range<usize>, input: &Tensor) -> classynet_runtime::Result<SegmentOutput> {
+            let s = group.end - 1;
+            for g in group {
+                std::thread::sleep(self.pause[g]);
+            }
+            let mut logits = vec![0f32; input.batch() * 4];
+            for i in 0..input.batch() {
+                let v = input.data[i * input.row_len()] as usize;
+                logits[i * 4 + v % 4] = if s >= v / 10 { 20.0 } else { 0.1 };
+            }
+            let cut = (s + 1 < self.total).then(|| input.clone());
+            Ok(SegmentOutput { logits: Tensor::new(vec![input.batch(), 4], logits)?, cut })
+        }
+    }
+
+    fn meta() -> ModelMeta {
+        let exit = |i: usize, last: bool| {
+            serde_json::json!({"name": format!("E{}", i + 1), "logits": format!("o{i}"),
+                "cut": if last { serde_json::Value::Null } else { format!("c{i}").into() },
+                "classes": [0, 1, 2, 3], "bag": false, "threshold": if last { serde_json::Value::Null } else { 0.5.into() }})
+        };
+        ModelMeta::from_json(
+            &serde_json::json!({
+                "format_version": 1,
+                "classes": ["a", "b", "c", "d"],
+                "input": {"shape": [1, 1, 1], "mean": [0.0], "std": [1.0]},
+                "exits": [exit(0, false), exit(1, false), exit(2, true)]
+            })
+            .to_string(),
+        )
+        .unwrap()
+    }
+
+    /// A worker over the first `segments` of the 3-exit fake.
+    fn worker(segments: usize, pause: Vec<Duration>) -> Arc<Worker> {
+        Arc::new(
+            Worker::spawn("test-head", 2, move || {
+                SegmentedRunner::new(Fake { segments, total: 3, pause }, 0, &Policy::defaults(&meta()), None)
+            })
+            .unwrap(),
+        )
+    }
+
+    fn cfg(max_batch: usize, delay_ms: u64) -> BatchConfig {
+        BatchConfig {
+            max_batch,
+            max_delay: Duration::from_millis(delay_ms),
+            max_queue: 64,
+            max_queue_delay: None,
+            side: "edge",
+        }
+    }
+
+    fn sample(v: f32) -> Tensor {
+        Tensor::new(vec![1, 1, 1, 1], vec![v]).unwrap()
+    }
+
+    fn exit_of(s: &Served) -> Option<(u32, usize)> {
+        match &s.results[0] {
+            SampleResult::Answered(a) => Some((a.class, a.exit)),
+            _ => None,
+        }
+    }
+
+    /// A forwarder that answers every row at exit 2 after `wait`.
+    fn slow_cloud(wait: Duration) -> Forwarder {
+        Arc::new(move |fwd: Forward| {
+            Box::pin(async move {
+                tokio::time::sleep(wait).await;
+                fwd.rows
+                    .iter()
+                    .map(|_| {
+                        let a = classynet_runtime::exit::Answer { class: 3, exit: 2, entropy: 0.0, probability: 1.0 };
+                        (SampleResult::Answered(a), Origin::Remote)
+                    })
+                    .collect()
+            })
+        })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_early_exit_is_answered_before_its_batch_mates_come_back_from_the_cloud() {
+        let b =
+            Batcher::spawn(worker(2, vec![Duration::ZERO; 3]), cfg(16, 20), Some(slow_cloud(Duration::from_secs(3))));
+        let t0 = Instant::now();
+        // Value 1 leaves at E1; 25 passes both held exits and goes to the (slow) cloud. They
+        // share a batch (20 ms window).
+        let (early, late) = tokio::join!(b.infer(sample(1.0), None), async {
+            let r = b.infer(sample(25.0), None).await;
+            (r, t0.elapsed())
+        });
+        let early_at = t0.elapsed();
+        let early = early.unwrap();
+        assert_eq!(exit_of(&early), Some((1, 0)));
+        assert_eq!(early.origin, vec![Origin::Local]);
+        let (late, late_at) = (late.0.unwrap(), late.1);
+        assert_eq!(late.origin, vec![Origin::Remote]);
+        assert!(late_at >= Duration::from_secs(3));
+        // join! polls both, so `early_at` is when both finished; time the early one alone below.
+        assert!(early_at >= late_at);
+        let t0 = Instant::now();
+        let fut_late = tokio::spawn({
+            let b = b.clone();
+            async move { b.infer(sample(26.0), None).await }
+        });
+        let early = b.infer(sample(2.0), None).await.unwrap();
+        let took = t0.elapsed();
+        assert_eq!(exit_of(&early), Some((2, 0)));
+        assert!(took < Duration::from_secs(1), "the E1 answer waited {took:?} for the cloud");
+        assert_eq!(fut_late.await.unwrap().unwrap().origin, vec![Origin::Remote]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tail_answers_its_early_exits_before_the_deep_segments_finish() {
+        // A full model whose last segment takes 800 ms: E1 answers must not wait for it.
+        let pause = vec![Duration::ZERO, Duration::ZERO, Duration::from_millis(800)];
+        let b = Batcher::spawn(worker(3, pause), cfg(16, 20), None);
+        let deep = tokio::spawn({
+            let b = b.clone();
+            async move { b.infer(sample(29.0), None).await }
+        });
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let t0 = Instant::now();
+        let early = b.infer(sample(1.0), None).await.unwrap();
+        let took = t0.elapsed();
+        assert_eq!(exit_of(&early), Some((1, 0)));
+        assert!(took < Duration::from_millis(600), "the E1 answer took {took:?}: it waited for E3");
+        assert_eq!(exit_of(&deep.await.unwrap().unwrap()), Some((1, 2)));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_of_another_shape_never_share_a_batch() {
+        let b = Batcher::spawn(worker(3, vec![Duration::ZERO; 3]), cfg(16, 20), None);
+        let odd = Tensor::new(vec![1, 2, 1, 1], vec![1.0, 1.0]).unwrap();
+        let (a, c, d) = tokio::join!(b.infer(sample(1.0), None), b.infer(odd, None), b.infer(sample(13.0), None));
+        assert_eq!(exit_of(&a.unwrap()), Some((1, 0)));
+        assert_eq!(exit_of(&d.unwrap()), Some((1, 1)));
+        // The fake takes any row length: what matters is that each request got its own rows.
+        assert_eq!(c.unwrap().results.len(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn large_requests_are_split_and_oversized_ones_refused_before_any_work() {
+        let b = Batcher::spawn(worker(3, vec![Duration::ZERO; 3]), cfg(4, 1), None);
+        let values: Vec<f32> = (0..10).map(|i| (i * 3) as f32).collect();
+        let served = b.infer(Tensor::new(vec![10, 1, 1, 1], values.clone()).unwrap(), None).await.unwrap();
+        let exits: Vec<usize> = served
+            .results
+            .iter()
+            .map(|r| match r {
+                SampleResult::Answered(a) => a.exit,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(exits, values.iter().map(|v| (*v as usize / 10).min(2)).collect::<Vec<_>>());
+        let e = b.infer(Tensor::new(vec![65, 1, 1, 1], vec![0.0; 65]).unwrap(), None).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(e.to_string(), "a request may hold at most 64 samples (the queue limit), found 65");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn deadlines_and_the_queue_delay_limit_refuse_work_before_it_runs() {
+        let mut c = cfg(1, 0);
+        c.max_queue_delay = Some(Duration::from_millis(250));
+        let b = Batcher::spawn(worker(3, vec![Duration::from_millis(100), Duration::ZERO, Duration::ZERO]), c, None);
+        let past = Instant::now() - Duration::from_millis(1);
+        assert_eq!(b.infer(sample(1.0), Some(past)).await.unwrap_err().code(), tonic::Code::DeadlineExceeded);
+        // One batch measures the compute time (~100 ms a sample, batch 1).
+        b.infer(sample(1.0), None).await.unwrap();
+        let calls: Vec<_> = (0..8)
+            .map(|_| {
+                let b = b.clone();
+                tokio::spawn(async move {
+                    let t = Instant::now();
+                    (b.infer(sample(1.0), None).await, t.elapsed())
+                })
+            })
+            .collect();
+        let (mut ok, mut shed) = (0, 0);
+        for c in calls {
+            let (r, took) = c.await.unwrap();
+            match r {
+                Ok(_) => {
+                    ok += 1;
+                    assert!(took < Duration::from_millis(250 + 100 + 150), "accepted but waited {took:?}");
+                }
+                Err(e) => {
+                    assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+                    assert!(e.to_string().contains("more than the queue delay limit of 250 ms"), "{e}");
+                    assert!(took < Duration::from_millis(50), "refusing took {took:?}");
+                    shed += 1;
+                }
+            }
+        }
+        assert!(ok >= 1 && shed >= 1, "{ok} accepted, {shed} refused");
+        // Recovered: once the queue drained, a request is accepted again.
+        b.infer(sample(1.0), None).await.unwrap();
+    }
+}

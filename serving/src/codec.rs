@@ -205,7 +205,10 @@ pub fn encode_tensor(name: &str, t: &Tensor, dtype: WireDtype) -> (InferInputTen
             // Asymmetric per-tensor quantisation over [min, max] (always including 0, so that
             // ReLU zeros stay exact).
             let (lo, hi) = t.data.iter().fold((0f32, 0f32), |(l, h), &v| (l.min(v), h.max(v)));
-            let scale = if hi > lo { (hi - lo) / 255.0 } else { 1.0 };
+            // In f64: the range of two large f32 values of opposite sign overflows f32, and a
+            // range of subnormals underflows to a zero scale; both would be refused by the reader.
+            let range = hi as f64 - lo as f64;
+            let scale = if range > 0.0 { ((range / 255.0) as f32).max(f32::MIN_POSITIVE) } else { 1.0 };
             let zp = (-128.0 - lo / scale).round().clamp(-128.0, 127.0);
             params.insert(PARAM_SCALE.to_string(), double_param(scale as f64));
             params.insert(PARAM_ZERO_POINT.to_string(), int_param(zp as i64));
