@@ -175,6 +175,7 @@ impl Cloud {
         };
         let mut workers = Vec::new();
         let mut inputs = Vec::new();
+        let mut seeds = Vec::new();
         for k in 0..m {
             let part = if k == 0 {
                 model.clone()
@@ -194,17 +195,29 @@ impl Cloud {
             let worker = Worker::spawn(&format!("cloud-E{k}"), 2, move || {
                 SegmentedRunner::new(OrtBackend::new(&part, opts)?, k, &p, s)
             })?;
+            let mut one = None;
             if let Some(s) = &shape {
-                // Warm-up: the first run allocates and picks kernels; do it before SERVING.
+                // Warm-up: the first run allocates and picks kernels; do it before SERVING. The
+                // second, timed, seeds the queue-delay estimate (a full batch costs at most
+                // max_batch single runs).
                 let n: usize = s.iter().product();
                 let mut dims = vec![1];
                 dims.extend(s);
+                worker.run_blocking(Tensor { shape: dims.clone(), data: vec![0.0; n] })?;
+                let t = std::time::Instant::now();
                 worker.run_blocking(Tensor { shape: dims, data: vec![0.0; n] })?;
+                one = Some(t.elapsed());
             }
             workers.push(Arc::new(worker));
             inputs.push(shape);
+            seeds.push(one);
         }
-        let batchers = workers.iter().map(|w| Batcher::spawn(w.clone(), batch, None)).collect();
+        let batchers: Vec<Batcher> = workers.iter().map(|w| Batcher::spawn(w.clone(), batch, None)).collect();
+        for (b, one) in batchers.iter().zip(seeds) {
+            if let Some(one) = one {
+                b.seed_batch_time(one * batch.max_batch as u32);
+            }
+        }
         let (policy_tx, _) = watch::channel((policy, policy_json));
         let (stopping, _) = watch::channel(false);
         Ok(Arc::new(Cloud {
@@ -261,7 +274,8 @@ impl Cloud {
                 k
             }
         };
-        if let Some(fp) = codec::param_str(&req.parameters, PARAM_FINGERPRINT) {
+        // Empty means "not given", as in WatchPolicy.
+        if let Some(fp) = codec::param_str(&req.parameters, PARAM_FINGERPRINT).filter(|fp| !fp.is_empty()) {
             if fp != self.model.fingerprint {
                 return Err(ServeError::FailedPrecondition(format!(
                     "the edge runs a model with fingerprint {fp}, this server runs {} ({}); deploy matching models",

@@ -332,7 +332,12 @@ impl Edge {
         let n: usize = head.meta.input.shape.iter().product();
         let mut dims = vec![1];
         dims.extend(&head.meta.input.shape);
-        worker.run(Tensor { shape: dims, data: vec![0.0; n] }).await?; // warm-up
+        // Warm-up: the first run allocates and picks kernels. The second, timed, seeds the
+        // queue-delay estimate (a full batch costs at most max_batch single runs).
+        worker.run(Tensor { shape: dims.clone(), data: vec![0.0; n] }).await?;
+        let t = Instant::now();
+        worker.run(Tensor { shape: dims, data: vec![0.0; n] }).await?;
+        let one = t.elapsed();
         let worker = Arc::new(worker);
         let cloud = cloud_endpoint(config)?;
         let client = match &cloud {
@@ -366,6 +371,7 @@ impl Edge {
             },
             Some(forwarder(Arc::new(context))),
         );
+        batcher.seed_batch_time(one * config.max_batch.max(1) as u32);
         let edge = Arc::new(Edge {
             head,
             k,

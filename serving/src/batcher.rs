@@ -93,6 +93,8 @@ struct Load {
     computing: AtomicUsize,
     /// Smoothed compute time of one batch in microseconds (0 until a batch has run).
     batch_us: AtomicU64,
+    /// `batch_us` is a seed from the warm-up, replaced outright by the first real batch.
+    seeded: std::sync::atomic::AtomicBool,
 }
 
 /// Counts a request's samples in [`Load::computing`] until its batch has computed (or it is
@@ -163,16 +165,28 @@ impl Batcher {
         self.cfg.max_batch
     }
 
+    /// Sets the batch compute time the queue-delay limit starts from (before any batch has run,
+    /// the estimate would otherwise be zero and admit every request of a first burst). Servers
+    /// time one full batch while warming up.
+    pub fn seed_batch_time(&self, t: Duration) {
+        let us = t.as_micros().clamp(1, u64::MAX as u128) as u64;
+        if self.load.batch_us.compare_exchange(0, us, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+            self.load.seeded.store(true, Ordering::Relaxed);
+        }
+    }
+
     /// Most samples admitted at once (the largest request taken).
     pub fn max_queue(&self) -> usize {
         self.cfg.max_queue
     }
 
-    /// Expected wait before a request of `n` more samples has computed, from the samples ahead
-    /// of it and the measured batch time (zero until a batch has run).
+    /// Expected wait before a request of `n` more samples starts computing, from the whole
+    /// batches ahead of it and the measured batch time.
     pub fn expected_wait(&self, n: usize) -> Duration {
-        let ahead = self.load.computing.load(Ordering::Relaxed) + n;
-        let batches = ahead.div_ceil(self.cfg.max_batch) as u64;
+        // Whole batches ahead of this request; a partial one will take it along. An idle server
+        // therefore admits any request.
+        let _ = n;
+        let batches = (self.load.computing.load(Ordering::Relaxed) / self.cfg.max_batch) as u64;
         Duration::from_micros(batches * self.load.batch_us.load(Ordering::Relaxed))
     }
 
@@ -371,7 +385,8 @@ impl Delivery {
             *last = now;
             let old = load.batch_us.load(Ordering::Relaxed);
             let us = took.as_micros().min(u64::MAX as u128) as u64;
-            load.batch_us.store(if old == 0 { us } else { (old * 7 + us) / 8 }, Ordering::Relaxed);
+            let fresh = old == 0 || load.seeded.swap(false, Ordering::Relaxed);
+            load.batch_us.store(if fresh { us } else { (old * 7 + us) / 8 }, Ordering::Relaxed);
             metrics::histogram!(telemetry::STAGE_SECONDS, "side" => self.side, "stage" => "compute")
                 .record(took.as_secs_f64());
         }

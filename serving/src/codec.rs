@@ -79,10 +79,11 @@ pub fn param_str<'a>(params: &'a HashMap<String, InferParameter>, key: &str) -> 
     }
 }
 
-/// Reads an integer parameter.
+/// Reads an integer parameter (int64, or a uint64 that fits).
 pub fn param_int(params: &HashMap<String, InferParameter>, key: &str) -> Option<i64> {
     match params.get(key)?.parameter_choice.as_ref()? {
         ParameterChoice::Int64Param(v) => Some(*v),
+        ParameterChoice::Uint64Param(v) => i64::try_from(*v).ok(),
         _ => None,
     }
 }
@@ -163,7 +164,12 @@ pub fn decode_input(input: &InferInputTensor, raw: Option<&Bytes>) -> ServeResul
             }
             match input.datatype.as_str() {
                 "FP32" => c.fp32_contents.clone(),
-                _ => c.uint_contents.iter().map(|&v| v as f32).collect(),
+                _ => {
+                    if let Some(i) = c.uint_contents.iter().position(|&v| v > 255) {
+                        return Err(bad(format!("UINT8 pixel {i} is {}; pixels lie in 0..=255", c.uint_contents[i])));
+                    }
+                    c.uint_contents.iter().map(|&v| v as f32).collect()
+                }
             }
         }
     };
@@ -174,13 +180,27 @@ pub fn decode_input(input: &InferInputTensor, raw: Option<&Bytes>) -> ServeResul
 fn quant_params(input: &InferInputTensor) -> ServeResult<(f32, f32)> {
     let scale = param_f64(&input.parameters, PARAM_SCALE);
     let zp = param_f64(&input.parameters, PARAM_ZERO_POINT);
-    match (scale, zp) {
-        (Some(s), Some(z)) if s.is_finite() && s > 0.0 => Ok((s as f32, z as f32)),
-        _ => Err(ServeError::InvalidArgument(format!(
+    let (Some(s), Some(z)) = (scale, zp) else {
+        return Err(ServeError::InvalidArgument(format!(
             "input `{}`: INT8 tensors need the parameters {PARAM_SCALE} (> 0) and {PARAM_ZERO_POINT}",
             input.name
-        ))),
+        )));
+    };
+    // Checked as the f32 values they are used as: 1e-50 is > 0 as a double but 0 as a float.
+    let scale = s as f32;
+    if !(scale.is_normal() && scale > 0.0) {
+        return Err(ServeError::InvalidArgument(format!(
+            "input `{}`: {PARAM_SCALE} must be a positive, finite float32, found {s}",
+            input.name
+        )));
     }
+    if !(-128.0..=127.0).contains(&z) {
+        return Err(ServeError::InvalidArgument(format!(
+            "input `{}`: {PARAM_ZERO_POINT} must lie in -128..=127, found {z}",
+            input.name
+        )));
+    }
+    Ok((scale, z as f32))
 }
 
 /// Encodes a float tensor for the wire.
