@@ -353,6 +353,7 @@ for _dt, _size in {"BF16": 2, "INT32": 4, "INT64": 8, "BYTES": 4, "BOOL": 1, "":
 # --- INT8 quantisation parameters -------------------------------------------------------------
 
 INT8_NEEDS = "INT8 tensors need the parameters classynet_scale (> 0) and classynet_zero_point"
+BAD_SCALE = "classynet_scale must be a positive, finite float32, found"
 
 
 def _int8_case(params: dict, *expect):
@@ -366,11 +367,11 @@ def _int8_case(params: dict, *expect):
 add("int8_no_params", _int8_case({}))
 add("int8_scale_only", _int8_case({"classynet_scale": 0.1}))
 add("int8_zero_point_only", _int8_case({"classynet_zero_point": 0}))
-add("int8_scale_zero", _int8_case({"classynet_scale": 0.0, "classynet_zero_point": 0}))
-add("int8_scale_negative", _int8_case({"classynet_scale": -0.5, "classynet_zero_point": 0}))
-add("int8_scale_nan", _int8_case({"classynet_scale": float("nan"), "classynet_zero_point": 0}))
-add("int8_scale_inf", _int8_case({"classynet_scale": float("inf"), "classynet_zero_point": 0}))
-add("int8_scale_int_zero", _int8_case({"classynet_scale": 0, "classynet_zero_point": 0}))
+add("int8_scale_zero", _int8_case({"classynet_scale": 0.0, "classynet_zero_point": 0}, IA, BAD_SCALE))
+add("int8_scale_negative", _int8_case({"classynet_scale": -0.5, "classynet_zero_point": 0}, IA, BAD_SCALE))
+add("int8_scale_nan", _int8_case({"classynet_scale": float("nan"), "classynet_zero_point": 0}, IA, BAD_SCALE))
+add("int8_scale_inf", _int8_case({"classynet_scale": float("inf"), "classynet_zero_point": 0}, IA, BAD_SCALE))
+add("int8_scale_int_zero", _int8_case({"classynet_scale": 0, "classynet_zero_point": 0}, IA, BAD_SCALE))
 add("int8_scale_string", _int8_case(
     {"classynet_scale": "0.1", "classynet_zero_point": 0},
     IA, "input `input` parameter `classynet_scale` must be an int64_param, uint64_param or double_param",
