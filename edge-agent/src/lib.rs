@@ -33,7 +33,7 @@ use classynet_runtime::planner::{choose, parse_size, plan, Formula};
 use classynet_runtime::report::RunReport;
 use classynet_runtime::runner::{SampleResult, SegmentedRunner};
 use classynet_runtime::worker::Worker;
-use classynet_serving::batcher::{BatchConfig, Batcher, Origin, Served};
+use classynet_serving::batcher::{Admission, BatchConfig, Batcher, Origin, Served};
 use classynet_serving::codec::{self, string_param, Payload, WireDtype};
 use classynet_serving::request::{self, InputSpec};
 use classynet_serving::security::{self, BearerAuth, TlsFiles};
@@ -411,10 +411,10 @@ impl Edge {
     /// Classifies a normalised image batch; answers in order, with where each came from. Samples
     /// an edge exit answers do not wait for the cloud (unless the same request also holds samples
     /// that go there). Requests larger than the edge batch run as several batches, so a client
-    /// need not know the device's batch size. `deadline`: when the caller stops waiting.
-    pub async fn infer(&self, input: Tensor, deadline: Option<tokio::time::Instant>) -> ServeResult<Served> {
+    /// need not know the device's batch size.
+    pub async fn infer(&self, input: Tensor, admission: impl Into<Admission>) -> ServeResult<Served> {
         let started = Instant::now();
-        let served = self.batcher.infer(input, deadline).await?;
+        let served = self.batcher.infer(input, admission).await?;
         let local = served.origin.iter().filter(|o| **o == Origin::Local).count();
         self.stats.edge.fetch_add(local as u64, Ordering::Relaxed);
         self.names.count(&served, started.elapsed());
@@ -725,7 +725,7 @@ pub async fn classify(
             let _permit = permit;
             let x = make_batch(&ds, &edge.head, i..i + 1);
             let t0 = Instant::now();
-            let r = edge.infer(x, None).await;
+            let r = edge.infer(x, Admission::Job).await;
             (r, t0.elapsed())
         }));
     }

@@ -143,11 +143,14 @@ def link_relay(bins: Bins, upstream: str, delay_ms: float, log: Path, ns: str | 
 
 
 def edge_classify(bins: Bins, model: Path, partition: str, server: str, dataset: str, *, threads: int,
-                  concurrency: int, wire: str = "fp32", ns: str | None = None, timeout: float = 3600) -> dict:
+                  concurrency: int, wire: str = "fp32", ns: str | None = None, timeout: float = 3600,
+                  extra: list[str] | None = None) -> dict:
+    """`edge-agent classify --json`; `extra` are more arguments of the verb (e.g. --limit N)."""
     cmd = ns_exec(ns) + [bins.path("edge-agent"), "--model", str(model), "--partition", partition,
                          "--server", server, "--threads", str(threads), "--max-batch", "16",
                          "--wire-dtype", wire, "--cloud-timeout-ms", "120000",
-                         "classify", "--dataset", dataset, "--concurrency", str(concurrency), "--json"]
+                         "classify", "--dataset", dataset, "--concurrency", str(concurrency), "--json",
+                         *(extra or [])]
     return run_json(cmd, bins.env(), timeout, f"edge-agent classify ({model.name}, {partition}, {wire})")
 
 

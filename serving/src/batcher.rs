@@ -86,6 +86,23 @@ pub struct BatchConfig {
     pub side: &'static str,
 }
 
+/// How a request is admitted.
+#[derive(Debug, Clone, Copy)]
+pub enum Admission {
+    /// A client's request: refused when its deadline has passed or its expected wait exceeds the
+    /// queue-delay limit; `deadline` is when the client stops waiting.
+    Request { deadline: Option<Instant> },
+    /// A batch job that bounds its own concurrency (`edge-agent classify`): waits its turn and is
+    /// never shed, only refused beyond `max_queue`.
+    Job,
+}
+
+impl From<Option<Instant>> for Admission {
+    fn from(deadline: Option<Instant>) -> Admission {
+        Admission::Request { deadline }
+    }
+}
+
 /// Load figures shared by the handles and the actor.
 #[derive(Default)]
 struct Load {
@@ -191,8 +208,12 @@ impl Batcher {
     }
 
     /// Runs `input` (`[n, ...]`, 1 ≤ n ≤ max_queue) as part of one or more batches; the answers
-    /// cover exactly its n samples, in order. `deadline`: when the caller stops waiting.
-    pub async fn infer(&self, input: Tensor, deadline: Option<Instant>) -> ServeResult<Served> {
+    /// cover exactly its n samples, in order.
+    pub async fn infer(&self, input: Tensor, admission: impl Into<Admission>) -> ServeResult<Served> {
+        let (deadline, shed) = match admission.into() {
+            Admission::Request { deadline } => (deadline, true),
+            Admission::Job => (None, false),
+        };
         let n = input.batch();
         let side = self.cfg.side;
         let refuse = |why: &'static str, e: ServeError| {
@@ -214,7 +235,7 @@ impl Batcher {
         if deadline.is_some_and(|d| Instant::now() >= d) {
             return refuse("deadline", deadline_passed());
         }
-        if let Some(limit) = self.cfg.max_queue_delay {
+        if let Some(limit) = self.cfg.max_queue_delay.filter(|_| shed) {
             let wait = self.expected_wait(n);
             if wait > limit {
                 return refuse(
