@@ -140,6 +140,7 @@ pub struct Cloud {
     /// Head partition k+1 encoded once, shared by every download of it.
     heads: Vec<std::sync::OnceLock<bytes::Bytes>>,
     downloads: Arc<tokio::sync::Semaphore>,
+    max_downloads: usize,
     max_batch: usize,
 }
 
@@ -230,6 +231,7 @@ impl Cloud {
             stopping,
             heads: (0..m).map(|_| std::sync::OnceLock::new()).collect(),
             downloads: Arc::new(tokio::sync::Semaphore::new(config.max_downloads.max(1))),
+            max_downloads: config.max_downloads.max(1),
             max_batch: batch.max_batch,
         }))
     }
@@ -441,8 +443,8 @@ impl Control for ControlApi {
         // memory without bound.
         let permit = c.downloads.clone().try_acquire_owned().map_err(|_| {
             ServeError::ResourceExhausted(format!(
-                "{} head downloads are already in progress; retry later",
-                c.downloads.available_permits() + 1
+                "{} head downloads are already in progress (--max-downloads); retry later",
+                c.max_downloads
             ))
         })?;
         let bytes = match c.heads[k - 1].get() {

@@ -198,6 +198,54 @@ async fn bad_requests_get_a_clear_status_and_the_server_keeps_serving() {
     handle.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_downloads_nobody_reads_are_bounded_and_share_one_copy() {
+    use classynet_proto::control::control_client::ControlClient;
+    use classynet_proto::control::GetPartitionRequest;
+    // The zoo's ResNet-110: its E6 head (several MiB) outgrows HTTP/2's flow-control windows, so
+    // an unread stream really stalls on the server.
+    let zoo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/zoo/resnet110-7exit-cnc.onnx");
+    let mut cfg = config(zoo);
+    cfg.max_downloads = 4;
+    let handle = cloud_server::start(cfg).await.unwrap();
+    let mut client = ControlClient::connect(format!("http://{}", handle.addr)).await.unwrap();
+    let get = |c: &mut ControlClient<tonic::transport::Channel>| {
+        let mut c = c.clone();
+        async move { c.get_partition(GetPartitionRequest { partition: "E6".into() }).await }
+    };
+    // Four streams opened and never read: the fifth is refused, not buffered.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(get(&mut client).await.unwrap().into_inner());
+    }
+    let s = get(&mut client).await.unwrap_err();
+    assert_eq!(s.code(), Code::ResourceExhausted);
+    assert!(s.message().contains("4 head downloads are already in progress"), "{}", s.message());
+    // Every download gives the same bytes; once the unread ones are dropped, downloads work again.
+    drop(held);
+    let mut sizes = Vec::new();
+    for _ in 0..6 {
+        // The server learns of the dropped streams (RST_STREAM) a moment later.
+        let t = std::time::Instant::now();
+        let mut stream = loop {
+            match get(&mut client).await {
+                Ok(s) => break s.into_inner(),
+                Err(s) if s.code() == Code::ResourceExhausted && t.elapsed().as_secs() < 5 => {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await
+                }
+                Err(s) => panic!("the permits of dropped downloads came back: {s}"),
+            }
+        };
+        let mut n = 0;
+        while let Some(chunk) = stream.message().await.unwrap() {
+            n += chunk.data.len();
+        }
+        sizes.push(n);
+    }
+    assert!(sizes[0] > 0 && sizes.iter().all(|&n| n == sizes[0]), "{sizes:?}");
+    handle.stop().await;
+}
+
 /// Sends bytes as they are, to test what the server does with a message that is not protobuf.
 #[derive(Clone, Default)]
 struct RawCodec;

@@ -110,7 +110,10 @@ async fn check(side: &str, addr: SocketAddr, batch: usize) {
     assert!(n_ok > 0 && n_refused > 0, "{side}: an overload both serves and sheds");
     // Accepted: the queue-delay limit plus the batch being computed and the own batch, with room
     // for a shared 2-core machine that also runs the 1,024 clients.
-    let bound = (QUEUE_DELAY + one_batch * 2) * 2 + Duration::from_millis(500);
+    let bound = (QUEUE_DELAY + one_batch * 2) * 3 + Duration::from_secs(1);
+    // Without shedding the last of the burst would wait for every batch before it.
+    let drain = one_batch * (IN_FLIGHT / batch) as u32;
+    println!("{side}: bound {bound:?}; an unshed queue would drain in {drain:?}");
     assert!(ok_p99 <= bound, "{side}: accepted p99 {ok_p99:?} over {bound:?}");
     assert!(refused_p99 < bound, "{side}: refusals are quick, p99 {refused_p99:?}");
     // Recovered: an unloaded request is answered as fast as before the burst (with slack).
