@@ -63,8 +63,17 @@ pub(crate) struct CloudLink {
     pub(crate) client: Option<GrpcInferenceServiceClient<Channel>>,
     pub(crate) timeout: Duration,
     pub(crate) dtype: WireDtype,
+    state: Mutex<LinkState>,
+}
+
+struct LinkState {
     /// While set and in the future, the cloud is considered down: answer degraded at once.
-    state: Mutex<(Option<Instant>, Backoff)>,
+    down_until: Option<Instant>,
+    backoff: Backoff,
+    /// Changes whenever the link is marked down or up again. A forward remembers it when sent:
+    /// its failure counts only if nothing changed meanwhile, so the several forwards in flight
+    /// when a link dies (the pipeline keeps two or three) double the backoff once, not each.
+    generation: u64,
 }
 
 impl CloudLink {
@@ -73,7 +82,12 @@ impl CloudLink {
         timeout: Duration,
         dtype: WireDtype,
     ) -> Self {
-        CloudLink { client, timeout, dtype, state: Mutex::new((None, Backoff::new())) }
+        let state = LinkState { down_until: None, backoff: Backoff::new(), generation: 0 };
+        CloudLink { client, timeout, dtype, state: Mutex::new(state) }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, LinkState> {
+        self.state.lock().expect("no code panics while holding the link state")
     }
 
     fn dtype_label(&self) -> &'static str {
@@ -84,20 +98,30 @@ impl CloudLink {
         }
     }
 
-    fn is_down(&self) -> bool {
-        matches!(self.state.lock().expect("no code panics while holding the link state").0, Some(t) if Instant::now() < t)
+    /// Whether to answer degraded without trying, and the generation a forward sent now carries.
+    fn check(&self) -> (bool, u64) {
+        let s = self.state();
+        (matches!(s.down_until, Some(t) if Instant::now() < t), s.generation)
     }
 
-    fn failed(&self) {
-        let mut s = self.state.lock().expect("no code panics while holding the link state");
-        let wait = s.1.wait();
-        s.0 = Some(Instant::now() + wait);
+    /// A forward sent at `generation` failed.
+    fn failed(&self, generation: u64) {
+        let mut s = self.state();
+        if s.generation != generation {
+            return; // this outage is already being waited out
+        }
+        let wait = s.backoff.wait();
+        s.down_until = Some(Instant::now() + wait);
+        s.generation += 1;
     }
 
     fn succeeded(&self) {
-        let mut s = self.state.lock().expect("no code panics while holding the link state");
-        s.0 = None;
-        s.1.reset();
+        let mut s = self.state();
+        if s.down_until.is_some() {
+            s.down_until = None;
+            s.backoff.reset();
+            s.generation += 1;
+        }
     }
 }
 
@@ -130,7 +154,8 @@ enum Miss {
 impl ForwardContext {
     async fn forward(&self, fwd: Forward) -> Vec<(SampleResult, Origin)> {
         let n = fwd.rows.len();
-        let answers = match (&self.link.client, self.link.is_down()) {
+        let (down, generation) = self.link.check();
+        let answers = match (&self.link.client, down) {
             (Some(client), false) => match self.call(client.clone(), &fwd).await {
                 Ok(a) => {
                     self.link.succeeded();
@@ -138,7 +163,7 @@ impl ForwardContext {
                 }
                 Err(Miss::Link(why)) => {
                     tracing::warn!("forward to the cloud failed, {n} samples answered degraded: {why}");
-                    self.link.failed();
+                    self.link.failed(generation);
                     None
                 }
                 Err(Miss::Refused(why)) => {
@@ -241,5 +266,32 @@ impl ForwardContext {
         metrics::histogram!(telemetry::STAGE_SECONDS, "side" => "edge", "stage" => "network").record(rtt - server);
         tracing::debug!(trace_id, rtt, server, "answered by the cloud");
         Ok(a)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_forwards_in_flight_when_a_link_dies_count_as_one_failure() {
+        let link = CloudLink::new(None, Duration::from_secs(1), WireDtype::Fp32);
+        let (down, g) = link.check();
+        assert!(!down);
+        // Three pipelined forwards, all sent before the link died, fail one after another.
+        for _ in 0..3 {
+            link.failed(g);
+        }
+        let s = link.state();
+        let wait = s.down_until.unwrap() - Instant::now();
+        assert!(wait <= BACKOFF_MIN, "one doubling at most: the wait is {wait:?}");
+        assert_eq!(s.generation, g + 1);
+        drop(s);
+        // A probe after the wait fails too: that is a second failure, and the wait doubles.
+        let (_, g2) = link.check();
+        link.failed(g2);
+        assert!(link.state().down_until.unwrap() - Instant::now() <= BACKOFF_MIN * 2);
+        link.succeeded();
+        assert!(!link.check().0, "one success ends the outage");
     }
 }
