@@ -112,6 +112,10 @@ struct Load {
     batch_us: AtomicU64,
     /// `batch_us` is a seed from the warm-up, replaced outright by the first real batch.
     seeded: std::sync::atomic::AtomicBool,
+    /// Batches handed to the worker that have not finished computing.
+    running: AtomicUsize,
+    /// Signalled whenever a batch finishes computing.
+    finished: tokio::sync::Notify,
 }
 
 /// Counts a request's samples in [`Load::computing`] until its batch has computed (or it is
@@ -316,22 +320,29 @@ async fn run_actor(
         let deadline = Instant::now() + cfg.max_delay;
         let mut rows = first.input.batch();
         let mut items = vec![first];
+        // A batch closes when it is full, or when `max_delay` has passed and the worker is free
+        // to take it. While the worker is busy the batch keeps filling: closing it at the delay
+        // would queue a small batch behind the running one, and under a steady load (each answer
+        // making room for the next request) the batches would shrink to a few samples.
         while rows < cfg.max_batch {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(item)) => {
-                    let Some(item) = item.abandoned() else { continue };
-                    // Only requests of the same sample shape share a batch: the validation in
-                    // front of the batcher guarantees it for a model with fixed shapes, and this
-                    // keeps one request from ever changing what another gets.
-                    if rows + item.input.batch() > cfg.max_batch || item.input.shape[1..] != items[0].input.shape[1..] {
-                        carry = Some(item); // starts the next batch
-                        break;
-                    }
-                    rows += item.input.batch();
-                    items.push(item);
-                }
-                Ok(None) | Err(_) => break,
+            let busy = load.running.load(Ordering::Acquire) > 0;
+            let item = tokio::select! {
+                biased;
+                item = rx.recv() => item,
+                _ = tokio::time::sleep_until(deadline), if !busy => break,
+                _ = load.finished.notified(), if busy => continue,
+            };
+            let Some(item) = item else { break };
+            let Some(item) = item.abandoned() else { continue };
+            // Only requests of the same sample shape share a batch: the validation in front of
+            // the batcher guarantees it for a model with fixed shapes, and this keeps one request
+            // from ever changing what another gets.
+            if rows + item.input.batch() > cfg.max_batch || item.input.shape[1..] != items[0].input.shape[1..] {
+                carry = Some(item); // starts the next batch
+                break;
             }
+            rows += item.input.batch();
+            items.push(item);
         }
         let batch = concat(items.iter().map(|i| &i.input));
         let queued = metrics::histogram!(telemetry::STAGE_SECONDS, "side" => side, "stage" => "queue");
@@ -341,6 +352,7 @@ async fn run_actor(
         metrics::histogram!(telemetry::BATCH_SIZE, "side" => side).record(rows as f64);
         let (early_tx, early_rx) = mpsc::unbounded_channel();
         let submitted = Instant::now();
+        load.running.fetch_add(1, Ordering::AcqRel);
         // Waits while the worker's own queue is full: back-pressure that lets the next batch fill.
         let pending = worker.submit_streaming(batch, early_tx).await.map_err(ServeError::from);
         let delivery = Delivery::new(items, forward.clone(), side);
@@ -399,6 +411,8 @@ impl Delivery {
         while let Ok(rows) = early.try_recv() {
             self.settle(rows);
         }
+        load.running.fetch_sub(1, Ordering::AcqRel);
+        load.finished.notify_one();
         {
             let now = Instant::now();
             let mut last = last_done.lock().expect("no code panics while holding the batch clock");
