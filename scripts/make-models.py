@@ -208,12 +208,12 @@ def demo() -> None:
     x = g.conv("input", 1, 16, 5)
     x = g.op("Relu", [x])
     cut1 = g.op("MaxPool", [x], "cut1", kernel_shape=[2, 2], strides=[2, 2])          # 16x14x14
-    f1 = g.op("Flatten", [g.op("AveragePool", [cut1], kernel_shape=[7, 7], strides=[7, 7])], "feat1", axis=1)
+    g.op("Flatten", [g.op("AveragePool", [cut1], kernel_shape=[7, 7], strides=[7, 7])], "feat1", axis=1)
     y = g.op("Relu", [g.conv(cut1, 16, 32, 3)])
     cut2 = g.op("MaxPool", [y], "cut2", kernel_shape=[2, 2], strides=[2, 2])           # 32x7x7
-    f2 = g.op("Flatten", [g.op("AveragePool", [cut2], kernel_shape=[3, 3], strides=[2, 2])], "feat2", axis=1)
+    g.op("Flatten", [g.op("AveragePool", [cut2], kernel_shape=[3, 3], strides=[2, 2])], "feat2", axis=1)
     z = g.op("Relu", [g.conv(cut2, 32, 64, 3)])
-    f3 = g.op("Flatten", [g.op("AveragePool", [z], kernel_shape=[3, 3], strides=[2, 2])], "feat3", axis=1)
+    g.op("Flatten", [g.op("AveragePool", [z], kernel_shape=[3, 3], strides=[2, 2])], "feat3", axis=1)
     dims = {"feat1": 16 * 2 * 2, "feat2": 32 * 3 * 3, "feat3": 64 * 3 * 3}
     ins = [tensor("input", ["N", 1, 28, 28])]
     probe = g.model(ins, [tensor(n, ["N", d]) for n, d in dims.items()], None)

@@ -327,15 +327,9 @@ impl Cloud {
     }
 }
 
-/// Reads a policy file: TOML by default, JSON when the file name ends in .json.
+/// Reads a policy file (see [`PolicyFile::load`]).
 pub fn read_policy(path: &std::path::Path) -> anyhow::Result<PolicyFile> {
-    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    if path.extension().is_some_and(|e| e == "json") {
-        Ok(PolicyFile::from_json(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?)
-    } else {
-        let file: PolicyFile = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        Ok(file)
-    }
+    Ok(PolicyFile::load(path)?)
 }
 
 /// Filled once the model is loaded and warm; until then every call but health is UNAVAILABLE.

@@ -90,14 +90,6 @@ impl CloudLink {
         self.state.lock().expect("no code panics while holding the link state")
     }
 
-    fn dtype_label(&self) -> &'static str {
-        match self.dtype {
-            WireDtype::Fp32 => "fp32",
-            WireDtype::Fp16 => "fp16",
-            WireDtype::Int8 => "int8",
-        }
-    }
-
     /// Whether to answer degraded without trying, and the generation a forward sent now carries.
     fn check(&self) -> (bool, u64) {
         let s = self.state();
@@ -216,7 +208,7 @@ impl ForwardContext {
         let (input, raw) = codec::encode_tensor("cut", &fwd.cut, self.link.dtype);
         let bytes = raw.len();
         self.stats.wire_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
-        metrics::counter!(telemetry::WIRE_BYTES, "side" => "edge", "dtype" => self.link.dtype_label())
+        metrics::counter!(telemetry::WIRE_BYTES, "side" => "edge", "dtype" => self.link.dtype.label())
             .increment(bytes as u64);
         let req = ModelInferRequest {
             parameters: [

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use classynet_proto::control::control_client::ControlClient;
 use classynet_proto::control::{GetPartitionRequest, WatchPolicyRequest};
 use classynet_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
@@ -34,7 +34,8 @@ use classynet_runtime::report::RunReport;
 use classynet_runtime::runner::{SampleResult, SegmentedRunner};
 use classynet_runtime::worker::Worker;
 use classynet_serving::batcher::{Admission, BatchConfig, Batcher, Origin, Served};
-use classynet_serving::codec::{self, string_param, Payload, WireDtype};
+pub use classynet_serving::codec::WireDtype;
+use classynet_serving::codec::{self, string_param, Payload};
 use classynet_serving::request::{self, InputSpec};
 use classynet_serving::security::{self, BearerAuth, TlsFiles};
 use classynet_serving::telemetry::{self, LogFormat};
@@ -79,8 +80,8 @@ pub struct Config {
     pub max_queue: usize,
     /// How cut tensors travel: fp32 (exact), fp16 (half the bytes) or int8 (a quarter, per-tensor
     /// scale and zero point).
-    #[arg(long, env = "EDGE_AGENT_WIRE_DTYPE", value_enum, default_value_t = Wire::Fp32)]
-    pub wire_dtype: Wire,
+    #[arg(long, env = "EDGE_AGENT_WIRE_DTYPE", value_enum, default_value_t = WireDtype::Fp32)]
+    pub wire_dtype: WireDtype,
     /// After this many milliseconds without the cloud's answer, answer locally (degraded).
     #[arg(long, env = "EDGE_AGENT_CLOUD_TIMEOUT_MS", default_value_t = 2000)]
     pub cloud_timeout_ms: u64,
@@ -142,23 +143,6 @@ pub struct Config {
     pub execution_provider: Provider,
     #[command(subcommand)]
     pub command: Option<Verb>,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
-pub enum Wire {
-    Fp32,
-    Fp16,
-    Int8,
-}
-
-impl From<Wire> for WireDtype {
-    fn from(w: Wire) -> WireDtype {
-        match w {
-            Wire::Fp32 => WireDtype::Fp32,
-            Wire::Fp16 => WireDtype::Fp16,
-            Wire::Int8 => WireDtype::Int8,
-        }
-    }
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -353,7 +337,7 @@ impl Edge {
             classes: head.meta.classes.clone(),
         };
         let context = ForwardContext {
-            link: CloudLink::new(client, Duration::from_millis(config.cloud_timeout_ms), config.wire_dtype.into()),
+            link: CloudLink::new(client, Duration::from_millis(config.cloud_timeout_ms), config.wire_dtype),
             stats: stats.clone(),
             k,
             fingerprint: head.fingerprint.clone(),

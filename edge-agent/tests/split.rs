@@ -14,7 +14,7 @@ use classynet_runtime::ort_backend::{init_ort, OrtBackend, SessionOptions};
 use classynet_runtime::runner::{SampleResult, SegmentedRunner};
 use classynet_serving::batcher::Origin;
 use classynet_serving::codec;
-use edge_agent::{classify, Config, Edge, Wire};
+use edge_agent::{classify, Config, Edge, WireDtype};
 
 const SAMPLES: usize = 600;
 
@@ -106,7 +106,7 @@ async fn int8_and_fp16_wires_send_fewer_bytes() {
     let path = zoo("tiny-3exit-cn.onnx");
     let cloud = cloud_server::start(cloud_config(path.clone(), "127.0.0.1:0", None)).await.unwrap();
     let mut bytes = Vec::new();
-    for wire in [Wire::Fp32, Wire::Fp16, Wire::Int8] {
+    for wire in WireDtype::ALL {
         let mut cfg = edge_config(Some(path.clone()), "E1", cloud.addr.to_string());
         cfg.wire_dtype = wire;
         let edge = Edge::load(&cfg).await.unwrap();

@@ -9,7 +9,7 @@ matplotlib.use("Agg")  # files only: no display on servers or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .tables import markdown, ms, pct, times  # noqa: E402
+from .tables import markdown, pct, times  # noqa: E402
 
 LABELS = {"base": "Baseline", "bn": "BN", "bn+gate": "BN + gating", "cn": "CN", "cn+c": "CN+C"}
 EARLY = ["bn", "bn+gate", "cn", "cn+c"]

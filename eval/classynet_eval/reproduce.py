@@ -31,7 +31,6 @@ from . import netlink
 from .binaries import Bins, EvalError, classynet_run, cloud_server, edge_classify, plan
 from .composition import composition, write_npz
 from .macs import model_exit_costs
-from .tables import markdown, ms, pct, times
 
 ROOT = Path(__file__).resolve().parents[2]
 ZOO = ROOT / "models" / "zoo"

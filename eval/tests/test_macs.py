@@ -1,6 +1,5 @@
 """The MAC counter against a model counted by hand."""
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 

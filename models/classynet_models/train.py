@@ -14,7 +14,6 @@ import torch
 from tqdm import tqdm
 
 from . import data as datasets
-from .backbones import build
 from .classes import ConfigError, ExitClasses, class_sets
 from .evaluate import exit_logits, summarise
 from .losses import DEFAULT_COSTS, ExitLoss, LossConfig, answerable, check_costs, exit_widths, uses_bags

@@ -86,7 +86,7 @@ def test_export_refuses_an_unfinished_run(tmp_path, npz_data):
 
 
 def test_resnet110_layers_map_to_units_and_exits():
-    assert [layer_to_unit(l, 54) for l in [4, 18, 36, 54, 72, 90, 110]] == [2, 9, 18, 27, 36, 45, 54]
+    assert [layer_to_unit(layer, 54) for layer in [4, 18, 36, 54, 72, 90, 110]] == [2, 9, 18, 27, 36, 45, 54]
     with pytest.raises(ValueError):
         layer_to_unit(1, 54)
     net = resnet(110, "7exit", 1, [10] * 7)

@@ -207,10 +207,27 @@ impl PolicyFile {
         })
     }
 
-    /// Reads a policy file.
+    /// Parses a policy file's TOML.
+    pub fn from_toml(text: &str) -> Result<Self> {
+        toml::from_str(text).map_err(|e| Error::Policy(e.to_string()))
+    }
+
+    /// Reads a policy file: JSON when its name ends in `.json`, TOML when it ends in `.toml`, and
+    /// otherwise JSON when it starts with `{` and TOML when it does not. The one reader of policy
+    /// files, used by `classynet run` and `cloud-server` alike.
     pub fn load(path: &std::path::Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        PolicyFile::from_json(&text).map_err(|e| Error::Policy(format!("{}: {e}", path.display())))
+        let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
+        let json = match ext.as_deref() {
+            Some("json") => true,
+            Some("toml") => false,
+            _ => text.trim_start().starts_with('{'),
+        };
+        let parsed = if json { PolicyFile::from_json(&text) } else { PolicyFile::from_toml(&text) };
+        parsed.map_err(|e| match e {
+            Error::Policy(m) => Error::Policy(format!("{}: {m}", path.display())),
+            other => other,
+        })
     }
 }
 
@@ -464,5 +481,31 @@ mod tests {
         assert!(e.contains("both disabled"), "{e}");
         let e = err(serde_json::json!({"exits": []}));
         assert!(e.contains("missing field `version`"), "{e}");
+    }
+
+    #[test]
+    fn one_reader_gives_the_same_policy_from_toml_and_json_and_refuses_unknown_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let toml_path = dir.path().join("p.toml");
+        let json_path = dir.path().join("p.json");
+        std::fs::write(
+            &toml_path,
+            "version = 3\n[[exits]]\nname = \"E1\"\nthreshold = 0.3\nclasses = [1]\n[[exits]]\nname = \"E2\"\ndisabled = true\n",
+        )
+        .unwrap();
+        std::fs::write(
+            &json_path,
+            r#"{"version": 3, "exits": [{"name": "E1", "threshold": 0.3, "classes": [1]}, {"name": "E2", "disabled": true}]}"#,
+        )
+        .unwrap();
+        let (t, j) = (PolicyFile::load(&toml_path).unwrap(), PolicyFile::load(&json_path).unwrap());
+        assert_eq!(t, j);
+        assert_eq!(Policy::resolve(&meta(), &t).unwrap(), Policy::resolve(&meta(), &j).unwrap());
+        std::fs::write(&toml_path, "version = 1\nthreshold = 0.2\n").unwrap();
+        let e = PolicyFile::load(&toml_path).unwrap_err().to_string();
+        assert!(e.contains("p.toml") && e.contains("unknown field `threshold`"), "{e}");
+        std::fs::write(&json_path, r#"{"version": 1, "exits": [{"name": "E1", "treshold": 0.2}]}"#).unwrap();
+        let e = PolicyFile::load(&json_path).unwrap_err().to_string();
+        assert!(e.contains("p.json") && e.contains("unknown field `treshold`"), "{e}");
     }
 }

@@ -224,3 +224,19 @@ fn demo_model_on_fashion_mnist() {
     assert_eq!(v["ok"], true);
     assert_eq!(v["samples"], 256);
 }
+
+/// The project's own example policy (TOML, as cloud-server reads it) works with `classynet run`.
+#[test]
+fn run_takes_the_deploy_policy_in_toml() {
+    let model = repo("models/zoo/resnet110-7exit-cnc.onnx");
+    let policy = repo("deploy/policy.toml");
+    let args = ["run", "--model", &model, "--limit", "200", "--json"];
+    let v: Value = serde_json::from_str(&ok(&[&args[..], &["--policy", &policy]].concat())).unwrap();
+    let version = std::fs::read_to_string(&policy)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("version = ").map(|v| v.trim().parse::<u64>().unwrap()))
+        .unwrap();
+    assert_eq!(v["policy_version"], version, "{v}");
+    assert_eq!(v["samples"], 200);
+}

@@ -27,16 +27,23 @@ pub const PARAM_ZERO_POINT: &str = "classynet_zero_point";
 /// caller can tell network time from server time.
 pub const PARAM_SERVER_MICROS: &str = "classynet_server_us";
 
-/// How intermediate tensors travel from edge to cloud.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How intermediate tensors travel from edge to cloud: the one place a wire dtype is defined,
+/// with its v2 name, its flag value, its size and (in [`encode_tensor`] / [`decode_input`]) its
+/// encoding. A new dtype is a new variant here, and the compiler points at every match to extend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum WireDtype {
+    /// Exact.
     Fp32,
+    /// Half the bytes.
     Fp16,
-    /// Per-tensor affine quantisation with a scale and a zero point.
+    /// A quarter of the bytes: per-tensor affine quantisation with a scale and a zero point.
     Int8,
 }
 
 impl WireDtype {
+    /// Every wire dtype, in flag order.
+    pub const ALL: [WireDtype; 3] = [WireDtype::Fp32, WireDtype::Fp16, WireDtype::Int8];
+
     /// The v2 datatype string.
     pub fn v2_name(self) -> &'static str {
         match self {
@@ -45,15 +52,39 @@ impl WireDtype {
             WireDtype::Int8 => "INT8",
         }
     }
+
+    /// The flag value and metric label: fp32, fp16, int8.
+    pub fn label(self) -> &'static str {
+        match self {
+            WireDtype::Fp32 => "fp32",
+            WireDtype::Fp16 => "fp16",
+            WireDtype::Int8 => "int8",
+        }
+    }
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            WireDtype::Fp32 => 4,
+            WireDtype::Fp16 => 2,
+            WireDtype::Int8 => 1,
+        }
+    }
+
+    /// The wire dtype of a v2 datatype string, if it is one.
+    pub fn from_v2_name(name: &str) -> Option<WireDtype> {
+        WireDtype::ALL.into_iter().find(|d| d.v2_name() == name)
+    }
 }
 
-/// Bytes per element of the v2 datatypes this server reads (and no others).
+/// The v2 datatype of raw 8-bit pixels (an image batch the server normalises).
+pub const PIXELS: &str = "UINT8";
+
+/// Bytes per element of the v2 datatypes this server reads (the wire dtypes and pixels).
 pub fn elem_size(datatype: &str) -> Option<usize> {
-    match datatype {
-        "FP32" => Some(4),
-        "FP16" => Some(2),
-        "INT8" | "UINT8" => Some(1),
-        _ => None,
+    match WireDtype::from_v2_name(datatype) {
+        Some(d) => Some(d.size()),
+        None => (datatype == PIXELS).then_some(1),
     }
 }
 
@@ -137,15 +168,19 @@ pub fn decode_input(input: &InferInputTensor, raw: Option<&Bytes>) -> ServeResul
                     bytes.len()
                 )));
             }
-            match input.datatype.as_str() {
-                "FP32" => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-                "FP16" => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-                "UINT8" => bytes.iter().map(|&b| b as f32).collect(),
-                "INT8" => {
+            match WireDtype::from_v2_name(&input.datatype) {
+                Some(WireDtype::Fp32) => {
+                    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+                }
+                Some(WireDtype::Fp16) => {
+                    bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
+                }
+                Some(WireDtype::Int8) => {
                     let (scale, zp) = quant_params(input)?;
                     bytes.iter().map(|&b| ((b as i8) as f32 - zp) * scale).collect()
                 }
-                other => return Err(bad(format!("datatype {other} is not a tensor type this server reads"))),
+                // elem_size accepted it: pixels.
+                None => bytes.iter().map(|&b| b as f32).collect(),
             }
         }
         None => {
@@ -173,7 +208,7 @@ pub fn decode_input(input: &InferInputTensor, raw: Option<&Bytes>) -> ServeResul
             }
         }
     };
-    let payload = if input.datatype == "UINT8" { Payload::Pixels } else { Payload::Values };
+    let payload = if input.datatype == PIXELS { Payload::Pixels } else { Payload::Values };
     Ok((Tensor { shape, data }, payload))
 }
 
@@ -429,5 +464,25 @@ mod tests {
         assert!(decode_input(&bf, Some(&Bytes::new())).unwrap_err().to_string().contains("BF16"));
         let q = InferInputTensor { datatype: "INT8".into(), ..input };
         assert!(decode_input(&q, Some(&Bytes::from(vec![0u8; 4]))).unwrap_err().to_string().contains(PARAM_SCALE));
+    }
+
+    #[test]
+    fn each_wire_dtype_has_one_name_one_label_and_one_size() {
+        for d in WireDtype::ALL {
+            assert_eq!(WireDtype::from_v2_name(d.v2_name()), Some(d));
+            assert_eq!(
+                <WireDtype as clap::ValueEnum>::from_str(d.label(), false),
+                Ok(d),
+                "the flag value is the label"
+            );
+            assert_eq!(elem_size(d.v2_name()), Some(d.size()));
+            let t = Tensor::new(vec![1, 3], vec![0.5, -1.0, 2.0]).unwrap();
+            assert_eq!(encode_tensor("cut", &t, d).1.len(), 3 * d.size());
+        }
+        assert_eq!(elem_size(PIXELS), Some(1));
+        for refused in ["INT32", "INT64", "BF16", "fp32", ""] {
+            assert_eq!(elem_size(refused), None, "{refused}");
+            assert_eq!(WireDtype::from_v2_name(refused), None);
+        }
     }
 }

@@ -87,10 +87,10 @@ def resnet(depth: int, exits: str, in_channels: int, widths: list[int]) -> Early
         raise ValueError(f"unknown exit configuration {exits!r} (known: {', '.join(EXIT_LAYERS)})")
     if depth != 110:
         # Other depths keep the exits at the same relative depth.
-        layers = [max(2, round(l * (2 * units + 2) / 110)) for l in layers]
+        layers = [max(2, round(layer * (2 * units + 2) / 110)) for layer in layers]
     if len(widths) != len(layers):
         raise ValueError(f"exit configuration {exits} has {len(layers)} exits, got {len(widths)} exit widths")
-    exit_units = [layer_to_unit(l, units) for l in layers]
+    exit_units = [layer_to_unit(layer, units) for layer in layers]
     stem = nn.Sequential(nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
     blocks: list[nn.Module] = []
     channels: list[int] = []
