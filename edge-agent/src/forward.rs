@@ -5,18 +5,21 @@
 //! Only these samples wait for the cloud: the batcher has already answered the rest.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Instant;
 
 use classynet_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use classynet_proto::inference::ModelInferRequest;
 use classynet_runtime::exit::Answer;
 use classynet_runtime::runner::{Forward, SampleResult};
 use classynet_serving::batcher::{Forwarder, Origin};
-use classynet_serving::codec::{self, string_param, WireDtype, PARAM_CUT, PARAM_FINGERPRINT, PARAM_POLICY_VERSION};
+use classynet_serving::codec::{self, string_param, PARAM_CUT, PARAM_FINGERPRINT, PARAM_POLICY_VERSION};
 use classynet_serving::telemetry;
+
 use tonic::transport::Channel;
 use tonic::Code;
+
+use crate::cloud_client::CloudLink;
 
 /// Counters of what the edge did.
 #[derive(Debug, Default)]
@@ -25,96 +28,6 @@ pub struct Stats {
     pub cloud: AtomicU64,
     pub degraded: AtomicU64,
     pub wire_bytes: AtomicU64,
-}
-
-pub(crate) const BACKOFF_MIN: Duration = Duration::from_millis(100);
-pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(5);
-
-/// Capped exponential backoff with full jitter, so that many edges do not retry in step after a
-/// cloud restart.
-#[derive(Debug)]
-pub(crate) struct Backoff {
-    next: Duration,
-}
-
-impl Backoff {
-    pub(crate) fn new() -> Backoff {
-        Backoff { next: BACKOFF_MIN }
-    }
-
-    /// How long to wait now; the next wait doubles (up to the cap).
-    pub(crate) fn wait(&mut self) -> Duration {
-        let jitter =
-            (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos()
-                % 1000) as f64
-                / 1000.0;
-        let wait = self.next.mul_f64(0.5 + 0.5 * jitter);
-        self.next = (self.next * 2).min(BACKOFF_MAX);
-        wait
-    }
-
-    pub(crate) fn reset(&mut self) {
-        self.next = BACKOFF_MIN;
-    }
-}
-
-/// The link to the cloud, with backoff after failures.
-pub(crate) struct CloudLink {
-    pub(crate) client: Option<GrpcInferenceServiceClient<Channel>>,
-    pub(crate) timeout: Duration,
-    pub(crate) dtype: WireDtype,
-    state: Mutex<LinkState>,
-}
-
-struct LinkState {
-    /// While set and in the future, the cloud is considered down: answer degraded at once.
-    down_until: Option<Instant>,
-    backoff: Backoff,
-    /// Changes whenever the link is marked down or up again. A forward remembers it when sent:
-    /// its failure counts only if nothing changed meanwhile, so the several forwards in flight
-    /// when a link dies (the pipeline keeps two or three) double the backoff once, not each.
-    generation: u64,
-}
-
-impl CloudLink {
-    pub(crate) fn new(
-        client: Option<GrpcInferenceServiceClient<Channel>>,
-        timeout: Duration,
-        dtype: WireDtype,
-    ) -> Self {
-        let state = LinkState { down_until: None, backoff: Backoff::new(), generation: 0 };
-        CloudLink { client, timeout, dtype, state: Mutex::new(state) }
-    }
-
-    fn state(&self) -> std::sync::MutexGuard<'_, LinkState> {
-        self.state.lock().expect("no code panics while holding the link state")
-    }
-
-    /// Whether to answer degraded without trying, and the generation a forward sent now carries.
-    fn check(&self) -> (bool, u64) {
-        let s = self.state();
-        (matches!(s.down_until, Some(t) if Instant::now() < t), s.generation)
-    }
-
-    /// A forward sent at `generation` failed.
-    fn failed(&self, generation: u64) {
-        let mut s = self.state();
-        if s.generation != generation {
-            return; // this outage is already being waited out
-        }
-        let wait = s.backoff.wait();
-        s.down_until = Some(Instant::now() + wait);
-        s.generation += 1;
-    }
-
-    fn succeeded(&self) {
-        let mut s = self.state();
-        if s.down_until.is_some() {
-            s.down_until = None;
-            s.backoff.reset();
-            s.generation += 1;
-        }
-    }
 }
 
 /// What the forward step needs besides the batch.
@@ -258,32 +171,5 @@ impl ForwardContext {
         metrics::histogram!(telemetry::STAGE_SECONDS, "side" => "edge", "stage" => "network").record(rtt - server);
         tracing::debug!(trace_id, rtt, server, "answered by the cloud");
         Ok(a)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_forwards_in_flight_when_a_link_dies_count_as_one_failure() {
-        let link = CloudLink::new(None, Duration::from_secs(1), WireDtype::Fp32);
-        let (down, g) = link.check();
-        assert!(!down);
-        // Three pipelined forwards, all sent before the link died, fail one after another.
-        for _ in 0..3 {
-            link.failed(g);
-        }
-        let s = link.state();
-        let wait = s.down_until.unwrap() - Instant::now();
-        assert!(wait <= BACKOFF_MIN, "one doubling at most: the wait is {wait:?}");
-        assert_eq!(s.generation, g + 1);
-        drop(s);
-        // A probe after the wait fails too: that is a second failure, and the wait doubles.
-        let (_, g2) = link.check();
-        link.failed(g2);
-        assert!(link.state().down_until.unwrap() - Instant::now() <= BACKOFF_MIN * 2);
-        link.succeeded();
-        assert!(!link.check().0, "one success ends the outage");
     }
 }
