@@ -12,6 +12,7 @@ use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
+use crate::format::per_channel;
 
 /// Where the Debian package `dataset-fashion-mnist` installs the IDX files.
 const FASHION_MNIST_DIR: &str = "/usr/share/datasets/fashion-mnist";
@@ -173,13 +174,6 @@ impl Dataset {
                 values.len()
             );
         }
-        let per_channel = |values: &[f32], c: usize| {
-            if values.len() == 1 {
-                values[0]
-            } else {
-                values[c]
-            }
-        };
         let plane = height * width;
         if plane == 0 {
             return;

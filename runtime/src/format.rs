@@ -58,6 +58,36 @@ fn default_scale() -> f32 {
     1.0 / 255.0
 }
 
+/// The entry of a per-channel list (mean or std) for channel `c`: one entry applies to every
+/// channel. The one broadcasting rule of normalisation, for datasets and served pixels alike.
+pub fn per_channel(values: &[f32], c: usize) -> f32 {
+    if values.len() == 1 {
+        values[0]
+    } else {
+        values[c]
+    }
+}
+
+impl InputSpec {
+    /// Normalises raw 8-bit pixel values of `[n, C, H, W]` samples in place:
+    /// `(pixel * scale - mean[c]) / std[c]`, with [`per_channel`]'s broadcasting (the metadata is
+    /// validated to hold 1 or C entries).
+    pub fn normalise_pixels(&self, data: &mut [f32]) {
+        let channels = self.shape[0];
+        let plane: usize = self.shape[1..].iter().product();
+        if plane == 0 {
+            return;
+        }
+        for (i, chunk) in data.chunks_mut(plane).enumerate() {
+            let c = i % channels;
+            let (m, sd) = (per_channel(&self.mean, c), per_channel(&self.std, c));
+            for v in chunk {
+                *v = (*v * self.scale - m) / sd;
+            }
+        }
+    }
+}
+
 /// One exit as the trainer exported it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ExitMeta {
@@ -309,5 +339,28 @@ mod tests {
         assert!(e.contains("threshold -1"), "{e}");
         let e = ModelMeta::from_json("{not json").unwrap_err().to_string();
         assert!(e.starts_with("model metadata"), "{e}");
+    }
+
+    #[test]
+    fn pixels_are_normalised_per_channel_with_one_entry_broadcast() {
+        let spec = |mean: Vec<f32>, std: Vec<f32>| InputSpec {
+            shape: vec![3, 1, 2],
+            scale: 0.5,
+            mean,
+            std,
+            extra: Default::default(),
+        };
+        // Two samples of 3 channels × 1×2 pixels.
+        let raw: Vec<f32> = (0..12).map(|v| v as f32).collect();
+        let mut data = raw.clone();
+        spec(vec![1.0, 2.0, 3.0], vec![1.0, 2.0, 4.0]).normalise_pixels(&mut data);
+        for (i, (&v, &p)) in data.iter().zip(&raw).enumerate() {
+            let c = (i / 2) % 3;
+            let (m, s) = ([1.0, 2.0, 3.0][c], [1.0, 2.0, 4.0][c]);
+            assert_eq!(v, (p * 0.5 - m) / s, "element {i}");
+        }
+        let mut one = raw.clone();
+        spec(vec![1.0], vec![2.0]).normalise_pixels(&mut one);
+        assert!(one.iter().zip(&raw).all(|(&v, &p)| v == (p * 0.5 - 1.0) / 2.0));
     }
 }

@@ -320,17 +320,10 @@ pub fn server_metadata(name: &str) -> classynet_proto::inference::ServerMetadata
     }
 }
 
-/// Applies the model's normalisation to raw 8-bit pixels (UINT8 requests), in place.
+/// Applies the model's normalisation to raw 8-bit pixels (UINT8 requests), in place: the same
+/// rule as the datasets of `classynet run` ([`classynet_runtime::format::InputSpec::normalise_pixels`]).
 pub fn normalise(t: &mut Tensor, model: &classynet_runtime::model::Model) {
-    let inp = &model.meta.input;
-    let c = inp.shape[0];
-    let plane = inp.shape[1] * inp.shape[2];
-    for (i, v) in t.data.iter_mut().enumerate() {
-        let ch = (i / plane) % c;
-        let mean = inp.mean.get(ch).or(inp.mean.first()).copied().unwrap_or(0.0);
-        let std = inp.std.get(ch).or(inp.std.first()).copied().unwrap_or(1.0);
-        *v = (*v * inp.scale - mean) / std;
-    }
+    model.meta.input.normalise_pixels(&mut t.data);
 }
 
 /// The four answer outputs, one row per sample in request order. A sample that failed (non-finite
