@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use classynet_runtime::dataset::Dataset;
 use classynet_runtime::report::RunReport;
 use classynet_runtime::runner::SampleResult;
 use classynet_serving::batcher::{Admission, Origin};
@@ -31,9 +32,7 @@ pub async fn classify(
     limit: Option<usize>,
     concurrency: usize,
 ) -> anyhow::Result<ClassifyOutput> {
-    use classynet_runtime::cli::{make_batch, open_dataset, DataArgs};
-    let args = DataArgs { dataset: dataset.into(), data_dir, limit, batch: 1 };
-    let ds = Arc::new(open_dataset(&args, &edge.head)?);
+    let ds = Arc::new(Dataset::open_for(dataset, data_dir.as_deref(), limit, &edge.head)?);
     let n = ds.len();
     if edge.server.is_some() && !edge.wait_for_policy(POLICY_WAIT).await {
         tracing::warn!("no exit policy from the cloud within {POLICY_WAIT:?}; starting with the model's defaults");
@@ -47,7 +46,7 @@ pub async fn classify(
         let (edge, ds) = (edge.clone(), ds.clone());
         tasks.push(tokio::spawn(async move {
             let _permit = permit;
-            let x = make_batch(&ds, &edge.head, i..i + 1);
+            let x = ds.batch(&edge.head, i..i + 1);
             let t0 = Instant::now();
             let r = edge.infer(x, Admission::Job).await;
             (r, t0.elapsed())

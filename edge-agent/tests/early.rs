@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use classynet_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use classynet_proto::inference::*;
-use classynet_runtime::cli::{make_batch, open_dataset, DataArgs};
+use classynet_runtime::dataset::Dataset;
 use classynet_runtime::exit::Policy;
 use classynet_runtime::model::Model;
 use classynet_runtime::ort_backend::{init_ort, OrtBackend, SessionOptions};
@@ -23,17 +23,9 @@ fn zoo(name: &str) -> PathBuf {
 }
 
 /// The first test images the E2 head answers at E1 and the first it forwards.
-fn pick_samples(
-    model: &Model,
-    early: usize,
-    forwarded: usize,
-) -> (Vec<usize>, Vec<usize>, classynet_runtime::dataset::Dataset) {
+fn pick_samples(model: &Model, early: usize, forwarded: usize) -> (Vec<usize>, Vec<usize>, Dataset) {
     init_ort(None, 1).unwrap();
-    let ds = open_dataset(
-        &DataArgs { dataset: "fashion-mnist:test".into(), data_dir: None, limit: Some(400), batch: 1 },
-        model,
-    )
-    .unwrap();
+    let ds = Dataset::open_for("fashion-mnist:test", None, Some(400), model).unwrap();
     let segs = segments(model).unwrap();
     let head =
         extract_side(model, &segs, &Side::parse("E2", classynet_runtime::format::PartitionRole::Head, 7).unwrap())
@@ -46,7 +38,7 @@ fn pick_samples(
         None,
     )
     .unwrap();
-    let out = r.run(make_batch(&ds, model, 0..ds.len())).unwrap();
+    let out = r.run(ds.batch(model, 0..ds.len())).unwrap();
     let at_e1: Vec<usize> = (0..ds.len())
         .filter(|&i| matches!(out.results[i], SampleResult::Answered(a) if a.exit == 0))
         .take(early)
@@ -56,8 +48,8 @@ fn pick_samples(
     (at_e1, on, ds)
 }
 
-fn pixels_request(ds: &classynet_runtime::dataset::Dataset, model: &Model, i: usize) -> ModelInferRequest {
-    let x = make_batch(ds, model, i..i + 1);
+fn pixels_request(ds: &Dataset, model: &Model, i: usize) -> ModelInferRequest {
+    let x = ds.batch(model, i..i + 1);
     let (input, raw) = codec::encode_tensor("input", &x, codec::WireDtype::Fp32);
     ModelInferRequest { id: i.to_string(), inputs: vec![input], raw_input_contents: vec![raw], ..Default::default() }
 }

@@ -395,41 +395,17 @@ fn partition_cmd(a: &PartitionArgs) -> Result<()> {
     Ok(())
 }
 
-/// Loads the dataset and checks that its samples fit the model.
+/// Loads the dataset and checks that its samples fit the model (see [`Dataset::open_for`]).
 pub fn open_dataset(d: &DataArgs, m: &Model) -> Result<Dataset> {
     if d.batch == 0 {
         return Err(Error::Parse("--batch must be at least 1".into()));
     }
-    let mut ds = Dataset::open(&d.dataset, d.data_dir.as_deref())?;
-    if let Some(n) = d.limit {
-        ds.truncate(n);
-    }
-    if ds.shape[..] != m.meta.input.shape[..] {
-        return Err(Error::Input(format!(
-            "dataset {} has samples of shape {:?}, but model {} expects {:?}",
-            ds.name,
-            ds.shape,
-            m.name(),
-            m.meta.input.shape
-        )));
-    }
-    if ds.is_empty() {
-        return Err(Error::Dataset(format!("{} has no samples", ds.name)));
-    }
-    Ok(ds)
+    Dataset::open_for(&d.dataset, d.data_dir.as_deref(), d.limit, m)
 }
 
-/// Normalised `[n, C, H, W]` batch of samples `range`.
+/// Normalised `[n, C, H, W]` batch of samples `range` (see [`Dataset::batch`]).
 pub fn make_batch(ds: &Dataset, m: &Model, range: std::ops::Range<usize>) -> Tensor {
-    let len = ds.sample_len();
-    let mut data = vec![0f32; range.len() * len];
-    let inp = &m.meta.input;
-    for (row, i) in range.clone().enumerate() {
-        ds.write_normalised(i, inp.scale, &inp.mean, &inp.std, &mut data[row * len..(row + 1) * len]);
-    }
-    let mut shape = vec![range.len()];
-    shape.extend_from_slice(&ds.shape);
-    Tensor { shape, data }
+    ds.batch(m, range)
 }
 
 fn load_policy(path: Option<&Path>, m: &Model) -> Result<Policy> {

@@ -11,8 +11,10 @@ use std::fs;
 use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 
+use crate::backend::Tensor;
 use crate::error::{Error, Result};
 use crate::format::per_channel;
+use crate::model::Model;
 
 /// Where the Debian package `dataset-fashion-mnist` installs the IDX files.
 const FASHION_MNIST_DIR: &str = "/usr/share/datasets/fashion-mnist";
@@ -65,6 +67,41 @@ pub struct Dataset {
 }
 
 impl Dataset {
+    /// Opens `spec` (see [`Dataset::open`]) for `model`: at most `limit` samples, which must have
+    /// the shape of the model's input.
+    pub fn open_for(spec: &str, data_dir: Option<&Path>, limit: Option<usize>, model: &Model) -> Result<Dataset> {
+        let mut ds = Dataset::open(spec, data_dir)?;
+        if let Some(n) = limit {
+            ds.truncate(n);
+        }
+        if ds.shape[..] != model.meta.input.shape[..] {
+            return Err(Error::Input(format!(
+                "dataset {} has samples of shape {:?}, but model {} expects {:?}",
+                ds.name,
+                ds.shape,
+                model.name(),
+                model.meta.input.shape
+            )));
+        }
+        if ds.is_empty() {
+            return Err(Error::Dataset(format!("{} has no samples", ds.name)));
+        }
+        Ok(ds)
+    }
+
+    /// The samples `range`, normalised with `model`'s input spec, as an `[n, C, H, W]` batch.
+    pub fn batch(&self, model: &Model, range: std::ops::Range<usize>) -> Tensor {
+        let len = self.sample_len();
+        let mut data = vec![0f32; range.len() * len];
+        let inp = &model.meta.input;
+        for (row, i) in range.clone().enumerate() {
+            self.write_normalised(i, inp.scale, &inp.mean, &inp.std, &mut data[row * len..(row + 1) * len]);
+        }
+        let mut shape = vec![range.len()];
+        shape.extend_from_slice(&self.shape);
+        Tensor { shape, data }
+    }
+
     /// Opens a dataset by spec:
     ///
     /// - `fashion-mnist:test` | `fashion-mnist:train`: the gzip IDX files
