@@ -3,19 +3,22 @@
 //! Owns everything that does not depend on how samples arrive: the model format ([`format`],
 //! [`model`]), cutting a graph into per-exit segments and partitions ([`partition`]), what a
 //! partition costs in memory ([`planner`]), the class-aware exit rule and policy ([`exit`]), the
-//! backend seam with its ONNX Runtime implementation ([`backend`], [`ort_backend`]), the
+//! backend seam with its ONNX Runtime implementation ([`backend`], `ort_backend` behind the
+//! default `ort` feature), the
 //! segmented runner and its dedicated thread ([`runner`], [`worker`]), dataset readers
 //! ([`dataset`]) and the `classynet` command-line tool ([`cli`]).
 //!
 //! It knows nothing of gRPC, edges or servers: `edge-agent` and `cloud-server` build on it.
 
 pub mod backend;
+#[cfg(feature = "ort")]
 pub mod cli;
 pub mod dataset;
 pub mod error;
 pub mod exit;
 pub mod format;
 pub mod model;
+#[cfg(feature = "ort")]
 pub mod ort_backend;
 pub mod partition;
 pub mod planner;

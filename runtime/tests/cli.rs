@@ -1,6 +1,7 @@
 //! The `classynet` binary as a user runs it: on the committed tiny3 fixture and the small
 //! dataset files, and, where the Debian package is installed, on Fashion-MNIST with the demo
 //! model.
+#![cfg(feature = "ort")]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

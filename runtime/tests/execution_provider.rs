@@ -5,6 +5,7 @@
 //!
 //! Where the loaded library does have a GPU provider (an ONNX Runtime GPU build pointed at with
 //! ORT_DYLIB_PATH), the fallback half is skipped with a note and only the answers are compared.
+#![cfg(feature = "ort")]
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -1,6 +1,7 @@
 //! The segmented runner on real ONNX Runtime sessions: what it answers must be what Algorithm 1
 //! gives when applied exit by exit to the full model's logits, and it must reject bad input
 //! without losing the worker.
+#![cfg(feature = "ort")]
 
 use std::path::{Path, PathBuf};
 
