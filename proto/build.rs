@@ -2,13 +2,10 @@
 //! build needs no system `protoc`.
 
 fn main() {
-    let onnx = ["onnx/onnx.proto"];
     let services = ["inference/grpc_predict_v2.proto", "classynet/v1/control.proto"];
-    for p in onnx.iter().chain(&services) {
+    for p in &services {
         println!("cargo:rerun-if-changed={p}");
     }
-    let fds = protox::compile(onnx, ["."]).expect("the committed ONNX schema compiles");
-    prost_build::Config::new().compile_fds(fds).expect("prost code generation succeeds for the ONNX schema");
 
     let fds = protox::compile(services, ["."]).expect("the committed service schemas compile");
     tonic_prost_build::configure()

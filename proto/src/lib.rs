@@ -1,16 +1,10 @@
 //! Protocol buffer types of the ClassyNet runtime.
 //!
-//! Owns the generated code only: [`onnx`] is the ONNX IR (models are read, cut into partitions and
-//! written back with it); [`inference`] is the Open Inference Protocol (KServe v2) gRPC API that
-//! edge-agent and cloud-server serve and that the edge uses to forward to the cloud;
+//! Owns the generated gRPC code only: [`inference`] is the Open Inference Protocol (KServe v2) API
+//! that edge-agent and cloud-server serve and that the edge uses to forward to the cloud;
 //! [`control`] is this project's control service (policy stream, partition download). It knows
-//! nothing of partitions, exits or serving logic.
-
-/// ONNX IR messages (`onnx.ModelProto` and friends), generated from `onnx/onnx.proto`.
-#[allow(clippy::all, missing_docs)]
-pub mod onnx {
-    include!(concat!(env!("OUT_DIR"), "/onnx.rs"));
-}
+//! nothing of partitions, exits or serving logic. (The ONNX IR lives in the core,
+//! `classynet_runtime::onnx`, which links no gRPC.)
 
 /// Open Inference Protocol v2 (`inference.GRPCInferenceService`), client and server.
 #[allow(clippy::all, missing_docs)]

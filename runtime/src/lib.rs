@@ -18,6 +18,11 @@ pub mod error;
 pub mod exit;
 pub mod format;
 pub mod model;
+/// ONNX IR messages (`onnx.ModelProto` and friends), generated from `proto/onnx/onnx.proto`.
+#[allow(clippy::all, missing_docs)]
+pub mod onnx {
+    include!(concat!(env!("OUT_DIR"), "/onnx.rs"));
+}
 #[cfg(feature = "ort")]
 pub mod ort_backend;
 pub mod partition;

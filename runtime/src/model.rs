@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::ops::Range;
 use std::path::Path;
 
-use classynet_proto::onnx::{self, tensor_shape_proto::dimension, type_proto};
+use crate::onnx::{self, tensor_shape_proto::dimension, type_proto};
 use prost::Message;
 use sha2::{Digest, Sha256};
 

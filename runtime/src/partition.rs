@@ -10,7 +10,7 @@
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 
-use classynet_proto::onnx;
+use crate::onnx;
 
 use crate::error::{Error, Result};
 use crate::format::{PartitionInfo, PartitionRole, METADATA_KEY};

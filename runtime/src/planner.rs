@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 
-use classynet_proto::onnx;
+use crate::onnx;
 
 use crate::error::{Error, Result};
 use crate::model::{value_shape, Dim, Model};
