@@ -748,4 +748,35 @@ mod tests {
         // Recovered: once the queue drained, a request is accepted again.
         b.infer(sample(1.0), None).await.unwrap();
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_keeps_filling_while_the_worker_is_busy() {
+        // Each batch takes 200 ms; the delay is 1 ms. While the first batch runs, 12 requests
+        // arrive one by one: they must run as one batch after it, not as 12 small ones.
+        let b = Batcher::spawn(
+            worker(3, vec![Duration::from_millis(200), Duration::ZERO, Duration::ZERO]),
+            cfg(16, 1),
+            None,
+        );
+        let first = tokio::spawn({
+            let b = b.clone();
+            async move { b.infer(sample(1.0), None).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let t0 = Instant::now();
+        let mut later = Vec::new();
+        for _ in 0..12 {
+            let b = b.clone();
+            later.push(tokio::spawn(async move { b.infer(sample(2.0), None).await }));
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        first.await.unwrap().unwrap();
+        for l in later {
+            l.await.unwrap().unwrap();
+        }
+        let took = t0.elapsed();
+        // One more batch of 200 ms after the first (which had ~180 ms left), not twelve.
+        // Without the rule two single-request batches would queue behind the first (about 780 ms).
+        assert!(took < Duration::from_millis(600), "12 requests took {took:?}: they did not share a batch");
+    }
 }
