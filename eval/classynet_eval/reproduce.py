@@ -14,7 +14,6 @@ Parts, as numbered in the report:
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
 import json
 import os
@@ -26,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from classynet_models import idx
 
 from . import netlink
 from .binaries import Bins, EvalError, classynet_run, cloud_server, edge_classify, plan
@@ -100,12 +100,10 @@ def say(msg: str) -> None:
 
 
 def read_idx(path: Path) -> np.ndarray:
-    data = gzip.open(path, "rb").read() if path.suffix == ".gz" else path.read_bytes()
-    if data[:3] != b"\0\0\x08":
-        raise EvalError(f"{path}: not an IDX file of unsigned bytes")
-    nd = data[3]
-    dims = np.frombuffer(data[4:4 + 4 * nd], ">u4").astype(int)
-    return np.frombuffer(data[4 + 4 * nd:], np.uint8).reshape(dims)
+    try:
+        return idx.read_idx(path)
+    except idx.IdxError as e:
+        raise EvalError(str(e)) from None
 
 
 def fashion_test(data_dir: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -12,7 +12,6 @@ datasets where it is meaningful, a horizontal flip. Off by default.
 """
 from __future__ import annotations
 
-import gzip
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 
 from .classes import ConfigError
+from .idx import IdxError, read_idx
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -46,18 +46,10 @@ class Dataset:
 
 
 def _read_idx(path: Path) -> np.ndarray:
-    opener = gzip.open if path.read_bytes()[:2] == b"\x1f\x8b" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 8:
-        raise ConfigError(f"{path}: not an IDX file of unsigned bytes (magic {data[:4]!r})")
-    nd = data[3]
-    dims = np.frombuffer(data[4:4 + 4 * nd], ">u4").astype(int)
-    want = int(np.prod(dims))
-    body = data[4 + 4 * nd:]
-    if len(body) != want:
-        raise ConfigError(f"{path}: IDX header says {want} bytes of data, found {len(body)}")
-    return np.frombuffer(body, np.uint8).reshape(dims)
+    try:
+        return read_idx(path)
+    except IdxError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _stats(x: np.ndarray) -> tuple[list[float], list[float]]:
