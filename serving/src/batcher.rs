@@ -201,12 +201,10 @@ impl Batcher {
         self.cfg.max_queue
     }
 
-    /// Expected wait before a request of `n` more samples starts computing, from the whole
-    /// batches ahead of it and the measured batch time.
-    pub fn expected_wait(&self, n: usize) -> Duration {
-        // Whole batches ahead of this request; a partial one will take it along. An idle server
-        // therefore admits any request.
-        let _ = n;
+    /// Expected wait before a new request starts computing, from the whole batches ahead of it
+    /// and the measured batch time. A partial batch ahead will take the request along, so an
+    /// idle server admits any request, whatever its size.
+    pub fn expected_wait(&self) -> Duration {
         let batches = (self.load.computing.load(Ordering::Relaxed) / self.cfg.max_batch) as u64;
         Duration::from_micros(batches * self.load.batch_us.load(Ordering::Relaxed))
     }
@@ -240,7 +238,7 @@ impl Batcher {
             return refuse("deadline", deadline_passed());
         }
         if let Some(limit) = self.cfg.max_queue_delay.filter(|_| shed) {
-            let wait = self.expected_wait(n);
+            let wait = self.expected_wait();
             if wait > limit {
                 return refuse(
                     "queue_delay",
