@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use classynet_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use classynet_proto::inference::*;
-use classynet_runtime::cli::{make_batch, open_dataset, DataArgs};
+use classynet_runtime::dataset::{Dataset, Pixels};
 use classynet_runtime::exit::Policy;
 use classynet_runtime::model::Model;
 use classynet_runtime::ort_backend::{init_ort, OrtBackend, SessionOptions};
@@ -54,16 +54,12 @@ fn edge_config(model: Option<PathBuf>, partition: &str, server: String) -> Confi
 /// What `classynet run` answers for the same samples and policy.
 fn local(model: &Model, policy: &Policy) -> Vec<(u32, usize)> {
     init_ort(None, 1).unwrap();
-    let ds = open_dataset(
-        &DataArgs { dataset: "fashion-mnist:test".into(), data_dir: None, limit: Some(SAMPLES), batch: 64 },
-        model,
-    )
-    .unwrap();
+    let ds = Dataset::open_for("fashion-mnist:test", None, Some(SAMPLES), model).unwrap();
     let mut r =
         SegmentedRunner::new(OrtBackend::new(model, SessionOptions::default()).unwrap(), 0, policy, None).unwrap();
     let mut out = Vec::new();
     for f in (0..ds.len()).step_by(64) {
-        for s in r.run(make_batch(&ds, model, f..(f + 64).min(ds.len()))).unwrap().results {
+        for s in r.run(ds.batch(model, f..(f + 64).min(ds.len()))).unwrap().results {
             match s {
                 SampleResult::Answered(a) => out.push((a.class, a.exit)),
                 other => panic!("{other:?}"),
@@ -234,13 +230,9 @@ async fn a_v2_client_uses_the_edge() {
     assert_eq!(meta.get_ref().inputs[0].shape, vec![-1, 1, 28, 28]);
     // Raw UINT8 pixels straight from the dataset: the edge normalises them.
     let model = Model::load(&path).unwrap();
-    let ds = open_dataset(
-        &DataArgs { dataset: "fashion-mnist:test".into(), data_dir: None, limit: Some(8), batch: 8 },
-        &model,
-    )
-    .unwrap();
+    let ds = Dataset::open_for("fashion-mnist:test", None, Some(8), &model).unwrap();
     let pixels: Vec<u8> = match &ds.pixels {
-        classynet_runtime::dataset::Pixels::U8(p) => p[..8 * 784].to_vec(),
+        Pixels::U8(p) => p[..8 * 784].to_vec(),
         _ => unreachable!("Fashion-MNIST pixels are bytes"),
     };
     let req = ModelInferRequest {

@@ -5,14 +5,14 @@
 //! partition costs in memory ([`planner`]), the class-aware exit rule and policy ([`exit`]), the
 //! backend seam with its ONNX Runtime implementation ([`backend`], `ort_backend` behind the
 //! default `ort` feature), the
-//! segmented runner and its dedicated thread ([`runner`], [`worker`]), dataset readers
-//! ([`dataset`]) and the `classynet` command-line tool ([`cli`]).
+//! segmented runner and its dedicated thread ([`runner`], [`worker`]) and dataset readers
+//! ([`dataset`]).
 //!
-//! It knows nothing of gRPC, edges or servers: `edge-agent` and `cloud-server` build on it.
+//! It knows nothing of gRPC, edges, servers or command lines: the `classynet` tool (crate
+//! `classynet-cli`), `edge-agent` and `cloud-server` build on it. The optional `clap` feature
+//! only lets their flags parse the core's option enums.
 
 pub mod backend;
-#[cfg(feature = "ort")]
-pub mod cli;
 pub mod dataset;
 pub mod error;
 pub mod exit;

@@ -136,7 +136,8 @@ pub struct SessionOptions {
 /// registering them fails (no GPU, missing CUDA/cuDNN/TensorRT libraries), the session runs on the
 /// CPU and a warning, once per process and reason, names the provider and the reason.
 /// [`OrtGraph::provider`] tells which provider a session actually got.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Provider {
     /// ONNX Runtime's CPU execution provider.
     #[default]
@@ -145,7 +146,7 @@ pub enum Provider {
     Cuda,
     /// NVIDIA TensorRT (TensorrtExecutionProvider), with CUDA for the nodes TensorRT does not take;
     /// needs an ONNX Runtime built with TensorRT. Falls back to CUDA, then to the CPU.
-    #[value(name = "tensorrt")]
+    #[cfg_attr(feature = "clap", value(name = "tensorrt"))]
     TensorRt,
 }
 

@@ -49,7 +49,8 @@ impl PartitionCost {
 }
 
 /// Which number a budget is compared with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Formula {
     /// weights + peak activations for the batch (what the edge really holds).
     Runtime,

@@ -1,7 +1,6 @@
 //! Every model in models/zoo/ loads in the runtime, splits exactly, and the runtime's early-exit
 //! answers on the Fashion-MNIST test set agree with what the trainer measured (its model card,
 //! computed in Python with the same rule).
-#![cfg(feature = "ort")]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -1,7 +1,6 @@
 //! The `classynet` binary as a user runs it: on the committed tiny3 fixture and the small
 //! dataset files, and, where the Debian package is installed, on Fashion-MNIST with the demo
 //! model.
-#![cfg(feature = "ort")]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -9,7 +8,7 @@ use std::process::{Command, Output};
 use serde_json::Value;
 
 fn data(name: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name).display().to_string()
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../runtime/tests/data").join(name).display().to_string()
 }
 
 fn repo(path: &str) -> String {
