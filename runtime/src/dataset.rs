@@ -1,11 +1,13 @@
 //! Labelled image datasets for evaluation: this module owns every dataset file format the
 //! runtime reads (Fashion-MNIST and other IDX files, CIFAR-10 binary batches, numpy `.npz`
 //! archives), turns them into one in-memory form ([`Dataset`]: NCHW pixels plus `i64` labels),
-//! and normalises single samples into model input. The formats are parsed here rather than
-//! through format crates so that every malformed file is reported as [`Error::Dataset`] naming
-//! the file, what was expected and what was found, and so that no reader panics or
-//! over-allocates on hostile input: sizes in headers are always checked against the bytes
-//! actually present before they are trusted.
+//! and normalises single samples into model input. IDX and CIFAR-10 files are parsed here; `.npz`
+//! archives are opened with `zip` and their `.npy` arrays decoded with `npyz`, with the checks
+//! npyz does not make done here. Every malformed file is reported as [`Error::Dataset`] naming
+//! the file, what was expected and what was found, and no reader over-allocates on hostile
+//! input: sizes in headers are always checked against the bytes actually present before they
+//! are trusted. (npyz multiplies `.npy` dimensions without overflow checks; the workspace turns
+//! its overflow checks off in every profile, and the shape's size is checked here.)
 
 use std::fs;
 use std::io::{BufReader, Read};
@@ -440,7 +442,7 @@ fn read_npz(name: &str, path: &Path) -> Result<Dataset> {
     let y = read_npz_member(path, &mut archive, "y")?;
     let n = x.shape.first().copied().unwrap_or(0);
     let (shape, pixels) = npz_images(x).map_err(|m| file_error(path, format!("array 'x': {m}")))?;
-    let labels = npz_labels(&y).map_err(|m| file_error(path, format!("array 'y': {m}")))?;
+    let labels = npz_labels(y).map_err(|m| file_error(path, format!("array 'y': {m}")))?;
     if labels.len() != n {
         return Err(file_error(
             path,
@@ -452,7 +454,7 @@ fn read_npz(name: &str, path: &Path) -> Result<Dataset> {
 
 /// Reads array `name` (member `name.npy`, as np.savez writes it, or a bare `name`).
 fn read_npz_member<R: Read + std::io::Seek>(path: &Path, archive: &mut zip::ZipArchive<R>, name: &str) -> Result<Npy> {
-    let member = format!("{name}.npy");
+    let member = npyz::npz::file_name_from_array_name(name);
     let Some(index) = archive.index_for_name(&member).or_else(|| archive.index_for_name(name)) else {
         let found: Vec<&str> = archive.file_names().collect();
         return Err(file_error(
@@ -468,85 +470,50 @@ fn read_npz_member<R: Read + std::io::Seek>(path: &Path, archive: &mut zip::ZipA
     parse_npy(bytes).map_err(|m| file_error(path, format!("array '{name}': {m}")))
 }
 
-/// Element types a `.npy` array may have here.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Dtype {
-    U8,
-    I8,
-    U16,
-    I16,
-    U32,
-    I32,
-    U64,
-    I64,
-    F32,
-    F64,
-}
-
-impl Dtype {
-    /// Parses a numpy `descr` such as `'<f4'` or `'|u1'`.
-    fn parse(descr: &str) -> Result<Dtype, String> {
-        let mut chars = descr.chars();
-        match chars.next() {
-            Some('<' | '|') => {}
-            Some('>') => {
-                return Err(format!(
-                    "dtype '{descr}' is big-endian; only little-endian ('<') and byte-order-free \
-                     ('|') arrays are supported (convert with a.astype(a.dtype.newbyteorder('<')))"
-                ))
-            }
-            _ => return Err(format!("expected a dtype starting with '<' or '|', found '{descr}'")),
-        }
-        Ok(match chars.as_str() {
-            "u1" => Dtype::U8,
-            "i1" => Dtype::I8,
-            "u2" => Dtype::U16,
-            "i2" => Dtype::I16,
-            "u4" => Dtype::U32,
-            "i4" => Dtype::I32,
-            "u8" => Dtype::U64,
-            "i8" => Dtype::I64,
-            "f4" => Dtype::F32,
-            "f8" => Dtype::F64,
-            _ => return Err(format!("unsupported dtype '{descr}'")),
-        })
-    }
-
-    fn size(self) -> usize {
-        match self {
-            Dtype::U8 | Dtype::I8 => 1,
-            Dtype::U16 | Dtype::I16 => 2,
-            Dtype::U32 | Dtype::I32 | Dtype::F32 => 4,
-            Dtype::U64 | Dtype::I64 | Dtype::F64 => 8,
-        }
-    }
-
-    fn numpy_name(self) -> &'static str {
-        match self {
-            Dtype::U8 => "uint8",
-            Dtype::I8 => "int8",
-            Dtype::U16 => "uint16",
-            Dtype::I16 => "int16",
-            Dtype::U32 => "uint32",
-            Dtype::I32 => "int32",
-            Dtype::U64 => "uint64",
-            Dtype::I64 => "int64",
-            Dtype::F32 => "float32",
-            Dtype::F64 => "float64",
-        }
-    }
-}
-
-/// One parsed `.npy` array: C-order, little-endian payload of exactly shape-product elements.
-#[derive(Debug)]
+/// One `.npy` member held in memory: its header as npyz parsed it, and a payload whose length
+/// has been checked against the dtype and shape.
 struct Npy {
-    dtype: Dtype,
+    header: npyz::NpyHeader,
+    /// The numpy name of the element type, e.g. "float32"; always one of [`numeric_dtype`]'s.
+    dtype: &'static str,
     shape: Vec<usize>,
-    data: Vec<u8>,
+    bytes: Vec<u8>,
+    /// Where the payload starts in `bytes`.
+    data_start: usize,
 }
 
-/// Parses a `.npy` file: magic `\x93NUMPY`, version 1.0 (u16 header length) or 2.0/3.0 (u32),
-/// then a python-dict header with `descr`, `fortran_order` and `shape`, then the data.
+impl Npy {
+    /// Decodes every element (in either byte order) as `T`, which must match the dtype exactly.
+    fn into_vec<T: npyz::Deserialize>(self) -> Result<Vec<T>, String> {
+        npyz::NpyFile::with_header(self.header, &self.bytes[self.data_start..])
+            .into_vec()
+            .map_err(|e| format!("cannot decode the {} data: {e}", self.dtype))
+    }
+}
+
+/// The numpy name of the plain integer and float dtypes, the only ones a dataset array may have.
+fn numeric_dtype(dtype: &npyz::DType) -> Option<&'static str> {
+    use npyz::TypeChar::{Float, Int, Uint};
+    let npyz::DType::Plain(type_str) = dtype else { return None };
+    Some(match (type_str.type_char(), type_str.size_field()) {
+        (Uint, 1) => "uint8",
+        (Int, 1) => "int8",
+        (Uint, 2) => "uint16",
+        (Int, 2) => "int16",
+        (Uint, 4) => "uint32",
+        (Int, 4) => "int32",
+        (Uint, 8) => "uint64",
+        (Int, 8) => "int64",
+        (Float, 4) => "float32",
+        (Float, 8) => "float64",
+        _ => return None,
+    })
+}
+
+/// Parses a `.npy` file with npyz, after the checks npyz does not make: the header length is
+/// checked against the bytes present (npyz allocates whatever length the file declares), and
+/// the payload length against the shape (npyz would report a short payload only as an
+/// unexpected end of file, and ignore trailing bytes).
 fn parse_npy(mut bytes: Vec<u8>) -> Result<Npy, String> {
     const MAGIC: &[u8] = b"\x93NUMPY";
     if !bytes.starts_with(MAGIC) {
@@ -556,9 +523,10 @@ fn parse_npy(mut bytes: Vec<u8>) -> Result<Npy, String> {
     let (Some(&major), Some(&minor)) = (bytes.get(6), bytes.get(7)) else {
         return Err(format!("expected a .npy version after the magic, found a {}-byte file", bytes.len()));
     };
-    let header_start = match major {
-        1 => 10,
-        2 | 3 => 12,
+    // Version 1.0 has a u16 header length, 2.0 and 3.0 a u32.
+    let header_start = match (major, minor) {
+        (1, 0) => 10,
+        (2 | 3, 0) => 12,
         _ => return Err(format!("unsupported .npy version {major}.{minor}; expected 1.0, 2.0 or 3.0")),
     };
     let header_len = match bytes.get(8..header_start) {
@@ -567,61 +535,49 @@ fn parse_npy(mut bytes: Vec<u8>) -> Result<Npy, String> {
         _ => return Err(format!("expected a .npy header length, found a {}-byte file", bytes.len())),
     };
     let header_end = header_start.saturating_add(header_len);
-    let Some(header) = bytes.get(header_start..header_end) else {
+    let Some(text) = bytes.get_mut(header_start..header_end) else {
         return Err(format!(
             "the .npy header claims {header_len} bytes, but only {} bytes follow the length",
             bytes.len().saturating_sub(header_start)
         ));
     };
-    let header =
-        std::str::from_utf8(header).map_err(|_| "expected a text .npy header, found non-UTF-8 bytes".to_string())?;
-    let (dtype, shape) = parse_npy_header(header)?;
-    let expected = element_count(&shape)
-        .and_then(|n| n.checked_mul(dtype.size()))
-        .ok_or_else(|| format!("shape {shape:?} is too large"))?;
-    let found = bytes.len() - header_end;
-    if found != expected {
-        return Err(format!(
-            "expected {expected} bytes of {} data for shape {shape:?}, found {found}",
-            dtype.numpy_name()
-        ));
-    }
-    bytes.drain(..header_end);
-    Ok(Npy { dtype, shape, data: bytes })
-}
-
-/// Reads the dtype and shape from the header dict; rejects Fortran order and structured dtypes.
-fn parse_npy_header(header: &str) -> Result<(Dtype, Vec<usize>), String> {
-    let entries = PyLiteral::new(header).dict().map_err(|m| format!("malformed .npy header {header:?}: {m}"))?;
-    let get = |key: &str| {
-        entries
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v)
-            .ok_or_else(|| format!("expected a '{key}' entry in the .npy header, found {header:?}"))
-    };
-    let dtype = match get("descr")? {
-        PyValue::Str(descr) => Dtype::parse(descr)?,
-        _ => return Err("structured dtypes are not supported; expected a plain dtype such as '<f4' or '|u1'".into()),
-    };
-    match get("fortran_order")? {
-        PyValue::Bool(false) => {}
-        PyValue::Bool(true) => {
-            return Err("fortran_order is True; expected a C-order array (save np.ascontiguousarray(a))".into())
+    // Python 2 numpy wrote long dimensions as `5L`, which npyz's Python-literal parser rejects;
+    // numpy's own reader drops the suffix, and blanking it keeps the header length unchanged.
+    for i in 1..text.len() {
+        if text[i] == b'L' && text[i - 1].is_ascii_digit() {
+            text[i] = b' ';
         }
-        other => return Err(format!("expected fortran_order True or False, found {other:?}")),
     }
-    let shape = match get("shape")? {
-        PyValue::Seq(dims) => dims
-            .iter()
-            .map(|d| match d {
-                PyValue::Int(v) => usize::try_from(*v).map_err(|_| format!("dimension {v} is too large")),
-                other => Err(format!("expected integer dimensions in 'shape', found {other:?}")),
-            })
-            .collect::<Result<Vec<usize>, String>>()?,
-        other => return Err(format!("expected a tuple for 'shape', found {other:?}")),
+    let mut data = &bytes[..];
+    let header = npyz::NpyHeader::from_reader(&mut data).map_err(|e| {
+        format!("malformed .npy header {:?}: {e}", String::from_utf8_lossy(&bytes[header_start..header_end]))
+    })?;
+    let dtype = header.dtype();
+    let Some(name) = numeric_dtype(&dtype) else {
+        return Err(match dtype {
+            npyz::DType::Plain(_) => format!("unsupported dtype {}", dtype.descr()),
+            _ => "structured dtypes are not supported; expected a plain dtype such as '<f4' or '|u1'".to_string(),
+        });
     };
-    Ok((dtype, shape))
+    // npyz returns Fortran-order elements in file order, so reading them as C order would
+    // silently transpose the images.
+    if header.order() == npyz::Order::Fortran {
+        return Err("fortran_order is True; expected a C-order array (save np.ascontiguousarray(a))".into());
+    }
+    let shape = header
+        .shape()
+        .iter()
+        .map(|&d| usize::try_from(d).map_err(|_| format!("dimension {d} is too large")))
+        .collect::<Result<Vec<usize>, String>>()?;
+    let expected = element_count(&shape)
+        .and_then(|n| n.checked_mul(dtype.num_bytes()?))
+        .ok_or_else(|| format!("shape {shape:?} is too large"))?;
+    let found = data.len();
+    if found != expected {
+        return Err(format!("expected {expected} bytes of {name} data for shape {shape:?}, found {found}"));
+    }
+    let data_start = bytes.len() - found;
+    Ok(Npy { header, dtype: name, shape, bytes, data_start })
 }
 
 /// Converts array `x` (N x C x H x W, or N x H x W with C = 1) into a sample shape and pixels.
@@ -638,172 +594,33 @@ fn npz_images(x: Npy) -> Result<([usize; 3], Pixels), String> {
         }
     };
     let pixels = match x.dtype {
-        Dtype::U8 => Pixels::U8(x.data),
-        Dtype::F32 => Pixels::F32(words(&x.data).map(f32::from_le_bytes).collect()),
+        "uint8" => Pixels::U8(x.into_vec()?),
+        "float32" => Pixels::F32(x.into_vec()?),
         // float64 pixels are narrowed: model inputs are float32 anyway.
-        Dtype::F64 => Pixels::F32(words(&x.data).map(|b| f64::from_le_bytes(b) as f32).collect()),
-        other => return Err(format!("expected dtype uint8, float32 or float64, found {}", other.numpy_name())),
+        "float64" => Pixels::F32(x.into_vec::<f64>()?.into_iter().map(|v| v as f32).collect()),
+        other => return Err(format!("expected dtype uint8, float32 or float64, found {other}")),
     };
     Ok((shape, pixels))
 }
 
 /// Converts array `y` (N, or N x 1 as Keras saves CIFAR labels) of integers into labels.
-fn npz_labels(y: &Npy) -> Result<Vec<i64>, String> {
+fn npz_labels(y: Npy) -> Result<Vec<i64>, String> {
     const INTEGER_DTYPES: &str = "uint8, int8, uint16, int16, uint32, int32, int64";
+    fn widen<T: npyz::Deserialize + Into<i64>>(y: Npy) -> Result<Vec<i64>, String> {
+        Ok(y.into_vec::<T>()?.into_iter().map(Into::into).collect())
+    }
     if !matches!(*y.shape.as_slice(), [_] | [_, 1]) {
         return Err(format!("expected a 1-dimensional label array (N or N x 1), found shape {:?}", y.shape));
     }
-    let d = &y.data;
-    Ok(match y.dtype {
-        Dtype::U8 => words(d).map(|b| i64::from(u8::from_le_bytes(b))).collect(),
-        Dtype::I8 => words(d).map(|b| i64::from(i8::from_le_bytes(b))).collect(),
-        Dtype::U16 => words(d).map(|b| i64::from(u16::from_le_bytes(b))).collect(),
-        Dtype::I16 => words(d).map(|b| i64::from(i16::from_le_bytes(b))).collect(),
-        Dtype::U32 => words(d).map(|b| i64::from(u32::from_le_bytes(b))).collect(),
-        Dtype::I32 => words(d).map(|b| i64::from(i32::from_le_bytes(b))).collect(),
-        Dtype::I64 => words(d).map(i64::from_le_bytes).collect(),
-        other => return Err(format!("expected an integer dtype ({INTEGER_DTYPES}), found {}", other.numpy_name())),
-    })
-}
-
-/// Splits a payload into fixed-size words for `from_le_bytes`; the payload length has already
-/// been checked to be a multiple of `N`.
-fn words<const N: usize>(data: &[u8]) -> impl Iterator<Item = [u8; N]> + '_ {
-    data.chunks_exact(N).map(|chunk| {
-        let mut word = [0; N];
-        word.copy_from_slice(chunk);
-        word
-    })
-}
-
-/// The python literals a `.npy` header dict contains.
-#[derive(Debug, PartialEq)]
-enum PyValue {
-    Str(String),
-    Bool(bool),
-    Int(u64),
-    None,
-    Seq(Vec<PyValue>),
-}
-
-/// A parser for the python-literal subset numpy writes as `.npy` headers: a dict of string keys
-/// to strings, booleans, integers (Python 2's `5L` included) and tuples/lists of those.
-struct PyLiteral<'a> {
-    text: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> PyLiteral<'a> {
-    fn new(text: &'a str) -> Self {
-        PyLiteral { text: text.as_bytes(), pos: 0 }
-    }
-
-    /// The next non-whitespace byte, without consuming it.
-    fn peek(&mut self) -> Option<u8> {
-        while self.text.get(self.pos).is_some_and(u8::is_ascii_whitespace) {
-            self.pos += 1;
-        }
-        self.text.get(self.pos).copied()
-    }
-
-    fn eat(&mut self, c: u8) -> bool {
-        let found = self.peek() == Some(c);
-        if found {
-            self.pos += 1;
-        }
-        found
-    }
-
-    fn expect(&mut self, c: u8) -> Result<(), String> {
-        if self.eat(c) {
-            Ok(())
-        } else {
-            Err(self.unexpected(&format!("'{}'", char::from(c))))
-        }
-    }
-
-    /// "expected WHAT at byte N, found X", for the next non-whitespace byte.
-    fn unexpected(&mut self, what: &str) -> String {
-        let found = match self.peek() {
-            Some(c) => format!("'{}'", char::from(c)),
-            None => "the end".to_string(),
-        };
-        format!("expected {what} at byte {}, found {found}", self.pos)
-    }
-
-    /// Parses the whole text as one dict; only whitespace may follow it (numpy pads with spaces).
-    fn dict(&mut self) -> Result<Vec<(String, PyValue)>, String> {
-        self.expect(b'{')?;
-        let mut entries = Vec::new();
-        while !self.eat(b'}') {
-            let key = match self.value()? {
-                PyValue::Str(key) => key,
-                other => return Err(format!("expected a string key, found {other:?}")),
-            };
-            self.expect(b':')?;
-            entries.push((key, self.value()?));
-            if !self.eat(b',') {
-                self.expect(b'}')?;
-                break;
-            }
-        }
-        match self.peek() {
-            None => Ok(entries),
-            Some(_) => Err(self.unexpected("the end after the dict")),
-        }
-    }
-
-    fn value(&mut self) -> Result<PyValue, String> {
-        match self.peek() {
-            Some(quote @ (b'\'' | b'"')) => {
-                let start = self.pos + 1;
-                let len = self.text[start..]
-                    .iter()
-                    .position(|&c| c == quote)
-                    .ok_or_else(|| format!("unterminated string at byte {}", self.pos))?;
-                self.pos = start + len + 1;
-                let s = std::str::from_utf8(&self.text[start..start + len]).map_err(|e| e.to_string())?;
-                Ok(PyValue::Str(s.to_string()))
-            }
-            Some(open @ (b'(' | b'[')) => {
-                let close = if open == b'(' { b')' } else { b']' };
-                self.pos += 1;
-                let mut items = Vec::new();
-                while !self.eat(close) {
-                    items.push(self.value()?);
-                    if !self.eat(b',') {
-                        self.expect(close)?;
-                        break;
-                    }
-                }
-                Ok(PyValue::Seq(items))
-            }
-            Some(c) if c.is_ascii_digit() => {
-                let start = self.pos;
-                while self.text.get(self.pos).is_some_and(u8::is_ascii_digit) {
-                    self.pos += 1;
-                }
-                let digits = std::str::from_utf8(&self.text[start..self.pos]).map_err(|e| e.to_string())?;
-                let v = digits.parse().map_err(|_| format!("integer {digits} is too large"))?;
-                if self.text.get(self.pos) == Some(&b'L') {
-                    self.pos += 1;
-                }
-                Ok(PyValue::Int(v))
-            }
-            Some(c) if c.is_ascii_alphabetic() => {
-                let start = self.pos;
-                while self.text.get(self.pos).is_some_and(u8::is_ascii_alphanumeric) {
-                    self.pos += 1;
-                }
-                match &self.text[start..self.pos] {
-                    b"True" => Ok(PyValue::Bool(true)),
-                    b"False" => Ok(PyValue::Bool(false)),
-                    b"None" => Ok(PyValue::None),
-                    other => Err(format!("unexpected name '{}' at byte {start}", String::from_utf8_lossy(other))),
-                }
-            }
-            _ => Err(self.unexpected("a value")),
-        }
+    match y.dtype {
+        "uint8" => widen::<u8>(y),
+        "int8" => widen::<i8>(y),
+        "uint16" => widen::<u16>(y),
+        "int16" => widen::<i16>(y),
+        "uint32" => widen::<u32>(y),
+        "int32" => widen::<i32>(y),
+        "int64" => y.into_vec(),
+        other => Err(format!("expected an integer dtype ({INTEGER_DTYPES}), found {other}")),
     }
 }
 
@@ -946,6 +763,19 @@ mod tests {
         assert!(message.contains("3 labels") && message.contains("2 images"), "{message}");
     }
 
+    /// One image label, 0, as a `y` member to pair with a one-image `x`.
+    fn one_label() -> Vec<u8> {
+        npy("{'descr': '|u1', 'fortran_order': False, 'shape': (1,), }", &[0])
+    }
+
+    /// The dataset error for an archive holding these `x.npy` and `y.npy` members.
+    fn npz_error(x: Vec<u8>, y: Vec<u8>) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.npz");
+        write_npz(&path, &[("x.npy", x), ("y.npy", y)]);
+        dataset_error(Dataset::open(&path.display().to_string(), None))
+    }
+
     #[test]
     fn npy_header_versions_and_literals() {
         let header = "{'descr': '<i8', 'fortran_order': False, 'shape': (2L,), }   \n";
@@ -953,28 +783,64 @@ mod tests {
         v2.extend_from_slice(&u32::try_from(header.len()).unwrap().to_le_bytes());
         v2.extend_from_slice(header.as_bytes());
         v2.extend_from_slice(&[7, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]);
-        let array = parse_npy(v2).unwrap();
-        assert_eq!(array.dtype, Dtype::I64);
-        assert_eq!(array.shape, [2]);
-        assert_eq!(npz_labels(&array).unwrap(), [7, -1]);
-        let scalar = parse_npy(npy("{\"descr\": \"<f8\", \"fortran_order\": False, \"shape\": ()}", &[0; 8])).unwrap();
-        assert!(scalar.shape.is_empty());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v2.npz");
+        let x = npy("{'descr': '|u1', 'fortran_order': False, 'shape': (2, 1, 1), }", &[5, 6]);
+        write_npz(&path, &[("x.npy", x), ("y.npy", v2)]);
+        let ds = Dataset::open(&path.display().to_string(), None).unwrap();
+        assert_eq!(ds.labels, [7, -1]);
+        assert_eq!(ds.shape, [1, 1, 1]);
+        assert_eq!(u8_pixels(&ds), [5, 6]);
+        // A double-quoted header of a 0-dimensional array parses; only its rank is then wrong.
+        let scalar = npy("{\"descr\": \"<f8\", \"fortran_order\": False, \"shape\": ()}", &[0; 8]);
+        let message = npz_error(scalar, one_label());
+        assert!(message.contains("array 'x'") && message.contains("found 0 dimensions []"), "{message}");
     }
 
     #[test]
-    fn npy_rejects_big_endian_fortran_order_and_bad_input() {
-        let be = parse_npy(npy("{'descr': '>f4', 'fortran_order': False, 'shape': (1,), }", &[0; 4]));
-        assert!(be.unwrap_err().contains("big-endian"));
-        let fortran = parse_npy(npy("{'descr': '<f4', 'fortran_order': True, 'shape': (1,), }", &[0; 4]));
-        assert!(fortran.unwrap_err().contains("fortran_order"));
-        let short = parse_npy(npy("{'descr': '<f4', 'fortran_order': False, 'shape': (2,), }", &[0; 4]));
-        assert!(short.unwrap_err().contains("expected 8 bytes"));
-        let structured = parse_npy(npy("{'descr': [('a', '<f4')], 'fortran_order': False, 'shape': (1,), }", &[0; 4]));
-        assert!(structured.unwrap_err().contains("structured"));
-        assert!(parse_npy(b"\x93NUMPY\x04\x00\x00\x00".to_vec()).unwrap_err().contains("version 4.0"));
-        assert!(parse_npy(b"PK\x03\x04".to_vec()).unwrap_err().contains("magic"));
-        assert!(parse_npy(b"\x93NUMPY\x01\x00\xff\x00{".to_vec()).unwrap_err().contains("claims 255 bytes"));
-        assert!(parse_npy(npy("{'descr': '<f4', 'shape': (1,", &[])).unwrap_err().contains("malformed"));
+    fn npy_reads_big_endian_arrays() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big-endian.npz");
+        let mut pixels = 1.5f32.to_be_bytes().to_vec();
+        pixels.extend_from_slice(&(-2.25f32).to_be_bytes());
+        let x = npy("{'descr': '>f4', 'fortran_order': False, 'shape': (2, 1, 1), }", &pixels);
+        let y =
+            npy("{'descr': '>i4', 'fortran_order': False, 'shape': (2, 1), }", &[0, 0, 1, 2, 0xff, 0xff, 0xff, 0xfd]);
+        write_npz(&path, &[("x.npy", x), ("y.npy", y)]);
+        let ds = Dataset::open(&path.display().to_string(), None).unwrap();
+        assert_eq!(f32_pixels(&ds), [1.5, -2.25]);
+        assert_eq!(ds.labels, [258, -3]);
+    }
+
+    #[test]
+    fn npy_rejects_fortran_order_and_bad_input() {
+        let fortran =
+            npz_error(npy("{'descr': '<f4', 'fortran_order': True, 'shape': (1, 1, 1), }", &[0; 4]), one_label());
+        assert!(fortran.contains("array 'x'") && fortran.contains("fortran_order"), "{fortran}");
+        let short =
+            npz_error(npy("{'descr': '<f4', 'fortran_order': False, 'shape': (2, 1, 1), }", &[0; 4]), one_label());
+        assert!(short.contains("expected 8 bytes") && short.contains("found 4"), "{short}");
+        let structured = npy("{'descr': [('a', '<f4')], 'fortran_order': False, 'shape': (1, 1, 1), }", &[0; 4]);
+        assert!(npz_error(structured, one_label()).contains("structured"));
+        let complex =
+            npz_error(npy("{'descr': '<c8', 'fortran_order': False, 'shape': (1, 1, 1), }", &[0; 8]), one_label());
+        assert!(complex.contains("unsupported dtype '<c8'"), "{complex}");
+        let u64_labels = npy("{'descr': '<u8', 'fortran_order': False, 'shape': (1,), }", &[0; 8]);
+        let x = npy("{'descr': '|u1', 'fortran_order': False, 'shape': (1, 1, 1), }", &[0]);
+        let message = npz_error(x, u64_labels);
+        assert!(
+            message.contains("array 'y'") && message.contains("integer dtype") && message.contains("uint64"),
+            "{message}"
+        );
+        let bad = |x: &[u8]| npz_error(x.to_vec(), one_label());
+        assert!(bad(b"\x93NUMPY\x04\x00\x00\x00").contains("version 4.0"));
+        assert!(bad(b"PK\x03\x04").contains("magic"));
+        assert!(bad(b"\x93NUMPY\x01\x00\xff\x00{").contains("claims 255 bytes"));
+        assert!(bad(b"\x93NUMPY\x02\x00\xff\xff\xff\xff{").contains("claims 4294967295 bytes"));
+        assert!(bad(&npy("{'descr': '<f4', 'shape': (1,", &[])).contains("malformed"));
+        // Dimensions whose product overflows: an error, not a panic, in every build.
+        let huge = bad(&npy("{'descr': '<f4', 'fortran_order': False, 'shape': (4294967296, 4294967296, 2), }", &[]));
+        assert!(huge.contains("array 'x'") && huge.contains("too large"), "{huge}");
     }
 
     #[test]
