@@ -140,6 +140,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn backoff_doubles_with_jitter_up_to_the_cap_and_resets() {
+        let mut b = Backoff::new();
+        let mut nominal = BACKOFF_MIN;
+        for _ in 0..10 {
+            let wait = b.wait();
+            // Full jitter over the upper half: never shorter than half the nominal wait.
+            assert!(wait >= nominal / 2 && wait <= nominal, "{wait:?} outside [{:?}, {nominal:?}]", nominal / 2);
+            nominal = (nominal * 2).min(BACKOFF_MAX);
+        }
+        assert_eq!(nominal, BACKOFF_MAX, "ten failures reach the cap");
+        assert!(b.wait() <= BACKOFF_MAX);
+        b.reset();
+        assert!(b.wait() <= BACKOFF_MIN, "a reset starts again from the minimum");
+    }
+
+    #[test]
     fn the_forwards_in_flight_when_a_link_dies_count_as_one_failure() {
         let link = CloudLink::new(None, Duration::from_secs(1), WireDtype::Fp32);
         let (down, g) = link.check();

@@ -43,7 +43,7 @@ async fn main() -> anyhow::Result<()> {
     // Installed before the listening line goes out, so a script that signals as soon as it has
     // read the line still gets a clean exit, or a stall rather than the default action of SIGUSR1,
     // which kills the process.
-    let shutdown = shutdown_signal()?;
+    let shutdown = classynet_serving::server::shutdown_signal()?;
     let mut stall = stall_signal()?;
     let relay = link_relay::start(link_relay::Config {
         listen: args.listen,
@@ -77,19 +77,6 @@ fn parse_delay_ms(value: &str) -> Result<Duration, String> {
         return Err("expected 0 or more milliseconds".into());
     }
     Duration::try_from_secs_f64(ms / 1e3).map_err(|_| "too long a delay".into())
-}
-
-#[cfg(unix)]
-fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut terminate = signal(SignalKind::terminate())?;
-    Ok(async move {
-        tokio::select! {
-            _ = interrupt.recv() => {}
-            _ = terminate.recv() => {}
-        }
-    })
 }
 
 /// Delivers every SIGUSR1.
@@ -126,11 +113,4 @@ impl StallSignal {
 #[cfg(not(unix))]
 fn stall_signal() -> std::io::Result<StallSignal> {
     Ok(StallSignal)
-}
-
-#[cfg(not(unix))]
-fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
-    Ok(async {
-        let _ = tokio::signal::ctrl_c().await;
-    })
 }

@@ -24,6 +24,9 @@ pub enum ServeError {
     /// The request was refused for a state reason (for example a model fingerprint mismatch).
     #[error("{0}")]
     FailedPrecondition(String),
+    /// A server could not start listening (address taken, TLS set-up).
+    #[error("{0}")]
+    Listen(String),
     /// Anything else from the runtime core.
     #[error(transparent)]
     Runtime(#[from] classynet_runtime::Error),
@@ -39,6 +42,7 @@ impl ServeError {
             ServeError::Unavailable(_) => "unavailable",
             ServeError::DeadlineExceeded(_) => "deadline_exceeded",
             ServeError::FailedPrecondition(_) => "failed_precondition",
+            ServeError::Listen(_) => "listen",
             ServeError::Runtime(e) => e.error_type(),
         }
     }
@@ -53,6 +57,7 @@ impl ServeError {
             ServeError::Unavailable(_) => Code::Unavailable,
             ServeError::DeadlineExceeded(_) => Code::DeadlineExceeded,
             ServeError::FailedPrecondition(_) => Code::FailedPrecondition,
+            ServeError::Listen(_) => Code::Unavailable,
             ServeError::Runtime(r) => match r {
                 R::Input(_) | R::Policy(_) | R::Parse(_) => Code::InvalidArgument,
                 R::WorkerGone(_) | R::RuntimeLibrary(_) => Code::Unavailable,

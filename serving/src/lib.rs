@@ -3,7 +3,8 @@
 //! Owns the Open Inference Protocol tensor codec ([`codec`]), the dynamic batcher in front of an
 //! inference worker ([`batcher`]) and the one place where errors become gRPC statuses
 //! ([`error`]), and the operations side both binaries share: TLS and the listener rule
-//! ([`security`]), systemd readiness ([`systemd`]), logs, metrics and trace context
+//! ([`security`]), the server lifecycle (bind, health, signals, drain: [`server`]), connection
+//! keepalive ([`transport`]), systemd readiness ([`systemd`]), logs, metrics and trace context
 //! ([`telemetry`]). It knows nothing of which side of the split it runs on.
 
 pub mod batcher;
@@ -11,6 +12,7 @@ pub mod codec;
 pub mod error;
 pub mod request;
 pub mod security;
+pub mod server;
 pub mod systemd;
 pub mod telemetry;
 pub mod transport;
