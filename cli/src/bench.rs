@@ -1,14 +1,18 @@
-//! `classynet bench`: whole graph against the segmented runner, side by side in one run.
+//! `classynet bench`: whole graph against the segmented runner, or (`--compare-backends`) the
+//! inference engines against each other; always side by side in one run, rounds rotating which
+//! goes first, so that every contender sees the same machine load.
 
 use std::time::Instant;
 
 use clap::Args;
-use classynet_runtime::backend::Tensor;
+use classynet_runtime::backend::{EngineBackend, Graph, Tensor};
+use classynet_runtime::engine::{self, BackendChoice, EngineOptions};
 use classynet_runtime::exit::{ExitPolicy, Policy, PolicyFile};
-use classynet_runtime::ort_backend::{OrtBackend, OrtGraph, SessionOptions};
+use classynet_runtime::format::PartitionRole;
+use classynet_runtime::model::Model;
+use classynet_runtime::partition::{extract_side, segments, Side};
 use classynet_runtime::runner::SegmentedRunner;
-use classynet_runtime::Result;
-use prost::Message;
+use classynet_runtime::{Error, Result};
 use serde_json::json;
 
 use crate::args::{print_json, DataArgs, ModelArgs};
@@ -23,9 +27,25 @@ pub struct BenchArgs {
     /// first, so all see the same machine load.
     #[arg(long, default_value_t = 5)]
     pub rounds: usize,
+    /// Compare ONNX Runtime and tract instead: samples/s of the heads of these partitions and
+    /// of the whole model, at each --batch-sizes, and tract's throughput over ONNX Runtime's.
+    #[arg(long)]
+    pub compare_backends: bool,
+    /// With --compare-backends: the partitions whose heads are timed (those past the model's
+    /// last exit are skipped).
+    #[arg(long, value_delimiter = ',', default_value = "E1,E2,E4", value_name = "Ek,..")]
+    pub heads: Vec<String>,
+    /// With --compare-backends: the batch sizes timed.
+    #[arg(long, value_delimiter = ',', default_value = "1,16", value_name = "N,..")]
+    pub batch_sizes: Vec<usize>,
 }
 
-pub fn run(a: &BenchArgs, opts: SessionOptions, threads: usize) -> Result<()> {
+pub fn run(a: &BenchArgs, opts: &EngineOptions) -> Result<()> {
+    if a.compare_backends {
+        return compare_backends(a, opts);
+    }
+    let engine = engine::open(opts)?;
+    let threads = opts.threads;
     let m = a.model.load()?;
     let ds = a.data.open(&m)?;
     let batches: Vec<Tensor> =
@@ -41,18 +61,18 @@ pub fn run(a: &BenchArgs, opts: SessionOptions, threads: usize) -> Result<()> {
             .collect(),
     };
     let policy = Policy::resolve(&m.meta, &disabled)?;
-    let mut whole = OrtGraph::from_bytes(&m.proto.encode_to_vec(), opts)?;
+    let mut whole = engine.compile(&m.proto)?;
     let sample = Some(m.meta.input.shape.clone());
-    let mut merged = SegmentedRunner::new(OrtBackend::new(&m, opts)?, 0, &policy, sample.clone())?;
-    let mut split = SegmentedRunner::with_merging(OrtBackend::new(&m, opts)?, 0, &policy, sample, false)?;
-    let time_whole = |w: &mut OrtGraph| -> Result<f64> {
+    let mut merged = SegmentedRunner::new(EngineBackend::new(engine.clone(), &m)?, 0, &policy, sample.clone())?;
+    let mut split = SegmentedRunner::with_merging(EngineBackend::new(engine.clone(), &m)?, 0, &policy, sample, false)?;
+    let time_whole = |w: &mut Box<dyn Graph>| -> Result<f64> {
         let s = Instant::now();
         for b in &batches {
             w.run(b)?;
         }
         Ok(s.elapsed().as_secs_f64())
     };
-    let time_runner = |r: &mut SegmentedRunner<OrtBackend>| -> Result<f64> {
+    let time_runner = |r: &mut SegmentedRunner<EngineBackend>| -> Result<f64> {
         let s = Instant::now();
         for b in &batches {
             r.run(b.clone())?;
@@ -81,14 +101,15 @@ pub fn run(a: &BenchArgs, opts: SessionOptions, threads: usize) -> Result<()> {
     let (ratio, ratio_split) = (s_seg / s_whole, s_split / s_whole);
     if a.model.json {
         print_json(&json!({
-            "model": m.name(), "samples": n, "batch": a.data.batch, "rounds": a.rounds, "threads": threads,
+            "model": m.name(), "backend": engine.name(), "samples": n, "batch": a.data.batch, "rounds": a.rounds, "threads": threads,
             "whole_graph_samples_per_second": s_whole, "segmented_samples_per_second": s_seg, "ratio": ratio,
             "per_exit_sessions_samples_per_second": s_split, "per_exit_sessions_ratio": ratio_split,
         }));
     } else {
         println!(
-            "model {} · {} exits · {n} samples × {} rounds · batch {} · intra-op threads {}",
+            "model {} · {} · {} exits · {n} samples × {} rounds · batch {} · threads {}",
             m.name(),
+            engine.name(),
             m.num_exits(),
             a.rounds,
             a.data.batch,
@@ -109,6 +130,90 @@ pub fn run(a: &BenchArgs, opts: SessionOptions, threads: usize) -> Result<()> {
         ];
         for (label, sps, note) in rows {
             println!("{label:<50} {sps:>8.1} samples/s  {note}");
+        }
+    }
+    Ok(())
+}
+
+/// One contender of the engine comparison: a graph (a head, or the whole model) on one engine.
+struct Contender {
+    graph: Box<dyn Graph>,
+    seconds: f64,
+}
+
+/// Times the heads and the whole model on ONNX Runtime and tract, batch by batch size.
+fn compare_backends(a: &BenchArgs, opts: &EngineOptions) -> Result<()> {
+    let ort = engine::open(&EngineOptions { backend: BackendChoice::Ort, ..opts.clone() })?;
+    let tract = engine::open(&EngineOptions { backend: BackendChoice::Tract, ..opts.clone() })?;
+    let m = a.model.load()?;
+    let ds = a.data.open(&m)?;
+    let exits = m.num_exits();
+    let segs = segments(&m)?;
+    // The graphs: each head asked for that the model has, then the whole model.
+    let mut graphs: Vec<(String, Model)> = Vec::new();
+    for name in &a.heads {
+        let side = Side::parse(name, PartitionRole::Head, exits)?;
+        if side.exits(exits).end >= exits {
+            continue; // a head with every exit is the whole model, timed below
+        }
+        let proto = extract_side(&m, &segs, &side)?;
+        graphs.push((format!("head {name}"), Model::from_bytes(&prost::Message::encode_to_vec(&proto), name)?));
+    }
+    graphs.push(("whole model".to_string(), m.clone()));
+
+    let mut rows = Vec::new();
+    for &batch in &a.batch_sizes {
+        if batch == 0 || batch > ds.len() {
+            return Err(Error::Parse(format!("--batch-sizes: {batch} is not between 1 and {} samples", ds.len())));
+        }
+        let inputs: Vec<Tensor> = (0..ds.len() / batch).map(|i| ds.batch(&m, i * batch..(i + 1) * batch)).collect();
+        let n = inputs.len() * batch;
+        for (label, g) in &graphs {
+            let mut c: Vec<Contender> = [&ort, &tract]
+                .iter()
+                .map(|e| Ok(Contender { graph: e.compile(&g.proto)?, seconds: 0.0 }))
+                .collect::<Result<_>>()?;
+            for x in inputs.iter().take(2) {
+                for k in c.iter_mut() {
+                    k.graph.run(x)?; // warm-up: allocations, kernel choice
+                }
+            }
+            for round in 0..a.rounds {
+                for i in 0..c.len() {
+                    let k = &mut c[(round + i) % 2];
+                    let s = Instant::now();
+                    for x in &inputs {
+                        k.graph.run(x)?;
+                    }
+                    k.seconds += s.elapsed().as_secs_f64();
+                }
+            }
+            let sps: Vec<f64> = c.iter().map(|k| (n * a.rounds) as f64 / k.seconds).collect();
+            rows.push((label.clone(), batch, sps[0], sps[1], sps[1] / sps[0]));
+        }
+    }
+    if a.model.json {
+        print_json(&json!({
+            "model": m.name(), "samples": ds.len(), "rounds": a.rounds, "threads": opts.threads,
+            "rows": rows.iter().map(|(g, b, o, t, r)| json!({
+                "graph": g, "batch": b, "ort_samples_per_second": o, "tract_samples_per_second": t,
+                "tract_over_ort": r,
+            })).collect::<Vec<_>>(),
+        }));
+    } else {
+        println!(
+            "model {} · {} samples × {} rounds · threads {}",
+            m.name(),
+            ds.len(),
+            a.rounds,
+            if opts.threads == 0 { "auto".to_string() } else { opts.threads.to_string() }
+        );
+        println!(
+            "{:<14} {:>5} {:>14} {:>14} {:>12}",
+            "graph", "batch", "ort samples/s", "tract samples/s", "tract/ort"
+        );
+        for (g, b, o, t, r) in &rows {
+            println!("{g:<14} {b:>5} {o:>14.1} {t:>15.1} {r:>12.3}");
         }
     }
     Ok(())

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use classynet_runtime::ort_backend::{init_ort, Provider, SessionOptions};
+use classynet_runtime::engine::{self, BackendChoice, EngineOptions, Provider, SessionOptions};
 use classynet_runtime::Result;
 
 /// Split-inference tools for class-aware early-exit networks (ClassyNet).
@@ -26,9 +26,14 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "PATH")]
     pub ort_lib: Option<PathBuf>,
 
-    /// ONNX Runtime intra-op threads, one pool shared by every session of the process; 0 lets
-    /// ONNX Runtime use one per core. Fewer threads leave cores to other work (an edge device
-    /// serving requests), more cut latency.
+    /// Inference engine: ort (ONNX Runtime), tract (pure Rust, nothing to install), or auto
+    /// (ONNX Runtime where its library loads, otherwise tract).
+    #[arg(long, global = true, env = "CLASSYNET_BACKEND", value_enum, default_value_t = BackendChoice::Auto)]
+    pub backend: BackendChoice,
+
+    /// Inference threads, one pool shared by every graph of the process (ONNX Runtime's intra-op
+    /// pool, tract's kernel pool); 0 uses one per core. Fewer threads leave cores to other work
+    /// (an edge device serving requests), more cut latency.
     #[arg(long, global = true, env = "CLASSYNET_THREADS", default_value_t = 0)]
     pub threads: usize,
 
@@ -87,24 +92,26 @@ fn init_logging(verbose: u8) {
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
+impl Cli {
+    /// The engine flags, for [`engine::open`].
+    fn engine_options(&self) -> EngineOptions {
+        EngineOptions {
+            backend: self.backend,
+            ort_lib: self.ort_lib.clone(),
+            threads: self.threads,
+            session: SessionOptions { provider: self.execution_provider, ..SessionOptions::default() },
+        }
+    }
+}
+
 fn dispatch(cli: &Cli) -> Result<ExitCode> {
-    let opts = SessionOptions { provider: cli.execution_provider, ..SessionOptions::default() };
-    let threads = cli.threads;
+    let opts = cli.engine_options();
     match &cli.command {
         Command::Inspect(a) => inspect::run(a).map(|_| ExitCode::SUCCESS),
         Command::Plan(a) => plan::run(a).map(|_| ExitCode::SUCCESS),
         Command::Partition(a) => partition::run(a).map(|_| ExitCode::SUCCESS),
-        Command::Run(a) => {
-            init_ort(cli.ort_lib.as_deref(), threads)?;
-            run::run(a, opts).map(|_| ExitCode::SUCCESS)
-        }
-        Command::VerifySplit(a) => {
-            init_ort(cli.ort_lib.as_deref(), threads)?;
-            verify::run(a, opts)
-        }
-        Command::Bench(a) => {
-            init_ort(cli.ort_lib.as_deref(), threads)?;
-            bench::run(a, opts, threads).map(|_| ExitCode::SUCCESS)
-        }
+        Command::Run(a) => run::run(a, engine::open(&opts)?).map(|_| ExitCode::SUCCESS),
+        Command::VerifySplit(a) => verify::run(a, engine::open(&opts)?),
+        Command::Bench(a) => bench::run(a, &opts).map(|_| ExitCode::SUCCESS),
     }
 }

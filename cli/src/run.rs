@@ -4,10 +4,11 @@
 use std::collections::VecDeque;
 use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Args;
-use classynet_runtime::ort_backend::{OrtBackend, SessionOptions};
+use classynet_runtime::backend::{Engine, EngineBackend};
 use classynet_runtime::report::RunReport;
 use classynet_runtime::runner::{SampleResult, SegmentedRunner};
 use classynet_runtime::worker::{Pending, Worker};
@@ -27,7 +28,7 @@ pub struct RunArgs {
     pub policy: Option<PathBuf>,
 }
 
-pub fn run(a: &RunArgs, opts: SessionOptions) -> Result<()> {
+pub fn run(a: &RunArgs, engine: Arc<dyn Engine>) -> Result<()> {
     let m = a.model.load()?;
     if !m.starts_at_input() || m.present.end != m.num_exits() {
         return Err(Error::Partition(format!(
@@ -39,9 +40,9 @@ pub fn run(a: &RunArgs, opts: SessionOptions) -> Result<()> {
     let policy = load_policy(a.policy.as_deref(), &m)?;
     let (mm, pp) = (m.clone(), policy.clone());
     let sample = m.meta.input.shape.clone();
-    let worker = Worker::spawn("classynet-ort", 2, move || {
-        SegmentedRunner::new(OrtBackend::new(&mm, opts)?, 0, &pp, Some(sample))
-    })?;
+    let name = format!("classynet-{}", engine.name());
+    let worker =
+        Worker::spawn(&name, 2, move || SegmentedRunner::new(EngineBackend::new(engine, &mm)?, 0, &pp, Some(sample)))?;
     let mut report = RunReport::new(&m, &ds.name, a.data.batch, policy.version);
     let n = ds.len();
     let start = Instant::now();

@@ -1,14 +1,14 @@
 //! `classynet verify-split`: head + tail of every partition against the full model.
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::Args;
+use classynet_runtime::backend::Engine;
 use classynet_runtime::backend::Tensor;
 use classynet_runtime::format::PartitionRole;
-use classynet_runtime::ort_backend::{OrtGraph, SessionOptions};
 use classynet_runtime::partition::{extract_side, segments, Side};
 use classynet_runtime::Result;
-use prost::Message;
 use serde_json::json;
 
 use crate::args::{print_json, DataArgs, ModelArgs};
@@ -31,7 +31,7 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     a.data.iter().zip(&b.data).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
-pub fn run(a: &VerifyArgs, opts: SessionOptions) -> Result<ExitCode> {
+pub fn run(a: &VerifyArgs, engine: Arc<dyn Engine>) -> Result<ExitCode> {
     let m = a.model.load()?;
     let mut data = DataArgs {
         dataset: a.data.dataset.clone(),
@@ -44,7 +44,7 @@ pub fn run(a: &VerifyArgs, opts: SessionOptions) -> Result<ExitCode> {
     }
     let ds = data.open(&m)?;
     let segs = segments(&m)?;
-    let mut full = OrtGraph::from_bytes(&m.proto.encode_to_vec(), opts)?;
+    let mut full = engine.compile(&m.proto)?;
     let exits = m.num_exits();
     let batches: Vec<Tensor> =
         (0..ds.len()).step_by(data.batch).map(|f| ds.batch(&m, f..(f + data.batch).min(ds.len()))).collect();
@@ -67,12 +67,13 @@ pub fn run(a: &VerifyArgs, opts: SessionOptions) -> Result<ExitCode> {
     let mut ok = true;
     for k in 1..=exits {
         let head = extract_side(&m, &segs, &Side::parse(&format!("E{k}"), PartitionRole::Head, exits)?)?;
-        let mut head = OrtGraph::new(&head, opts)?;
+        let mut head = engine.compile(&head)?;
         let mut tail = if k < exits {
-            Some(OrtGraph::new(
-                &extract_side(&m, &segs, &Side::parse(&format!("E{k}"), PartitionRole::Tail, exits)?)?,
-                opts,
-            )?)
+            Some(engine.compile(&extract_side(
+                &m,
+                &segs,
+                &Side::parse(&format!("E{k}"), PartitionRole::Tail, exits)?,
+            )?)?)
         } else {
             None
         };

@@ -5,11 +5,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use classynet_proto::inference::*;
+use classynet_runtime::backend::EngineBackend;
 use classynet_runtime::backend::Tensor;
+use classynet_runtime::engine;
 use classynet_runtime::exit::{Policy, PolicyFile};
 use classynet_runtime::format::PartitionRole;
 use classynet_runtime::model::{parse_partition, Dim, Model};
-use classynet_runtime::ort_backend::{init_ort, OrtBackend, SessionOptions};
 use classynet_runtime::partition::{extract_side, segments, Side};
 use classynet_runtime::runner::SegmentedRunner;
 use classynet_runtime::worker::Worker;
@@ -46,7 +47,7 @@ pub struct Cloud {
 impl Cloud {
     /// Loads the model, opens one worker per cut and warms each up.
     pub fn load(config: &Config) -> anyhow::Result<Arc<Cloud>> {
-        init_ort(config.ort_lib.as_deref(), config.threads)?;
+        let engine = engine::open(&config.engine_options())?;
         let model = Model::load(&config.model)?;
         anyhow::ensure!(
             model.present == (0..model.num_exits()),
@@ -65,7 +66,6 @@ impl Cloud {
         };
         let segs = segments(&model)?;
         let m = model.num_exits();
-        let opts = SessionOptions { provider: config.execution_provider, ..SessionOptions::default() };
         let batch = BatchConfig {
             max_batch: config.max_batch.max(1),
             max_delay: Duration::from_millis(config.max_delay_ms),
@@ -91,9 +91,9 @@ impl Cloud {
                     d.iter().skip(1).map(|x| if let Dim::Fixed(n) = x { Some(*n) } else { None }).collect()
                 })
             };
-            let (p, s) = (policy.clone(), shape.clone());
+            let (p, s, e) = (policy.clone(), shape.clone(), engine.clone());
             let worker = Worker::spawn(&format!("cloud-E{k}"), 2, move || {
-                SegmentedRunner::new(OrtBackend::new(&part, opts)?, k, &p, s)
+                SegmentedRunner::new(EngineBackend::new(e, &part)?, k, &p, s)
             })?;
             let mut one = None;
             if let Some(s) = &shape {

@@ -10,7 +10,7 @@ use classynet_runtime::backend::Tensor;
 use classynet_runtime::exit::Policy;
 use classynet_runtime::format::PartitionRole;
 use classynet_runtime::model::Model;
-use classynet_runtime::ort_backend::{OrtBackend, OrtGraph, SessionOptions};
+use classynet_runtime::ort_backend::{OrtEngine, OrtGraph, SessionOptions};
 use classynet_runtime::partition::{extract_side, segments, Side};
 use classynet_runtime::runner::{SampleResult, SegmentedRunner};
 use classynet_serving::codec::{self, string_param, PARAM_CUT, PARAM_FINGERPRINT};
@@ -66,7 +66,7 @@ fn request(name: &str, t: &Tensor, params: &[(&str, &str)]) -> ModelInferRequest
 
 fn local_answers(model: &Model, x: &Tensor) -> Vec<(i64, i32)> {
     let mut r = SegmentedRunner::new(
-        OrtBackend::new(model, SessionOptions::default()).unwrap(),
+        OrtEngine::backend(model, SessionOptions::default()).unwrap(),
         0,
         &Policy::defaults(&model.meta),
         None,

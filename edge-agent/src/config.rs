@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use classynet_runtime::ort_backend::Provider;
+use classynet_runtime::engine::{BackendChoice, EngineOptions, Provider, SessionOptions};
 use classynet_serving::codec::WireDtype;
 use classynet_serving::telemetry::{self, LogFormat};
 
@@ -60,7 +60,13 @@ pub struct Config {
     /// agent then exits with an error instead of staying unready.
     #[arg(long, env = "EDGE_AGENT_HEAD_TIMEOUT_S", default_value_t = 120)]
     pub head_timeout_s: u64,
-    /// ONNX Runtime intra-op threads (0: one per core).
+    /// Inference engine: ort (ONNX Runtime), tract (pure Rust, nothing to install; runs where
+    /// ONNX Runtime cannot load, such as JetPack 4.6), or auto (ONNX Runtime where its library
+    /// loads, otherwise tract; one log line says which runs and why).
+    #[arg(long, env = "EDGE_AGENT_BACKEND", value_enum, default_value_t = BackendChoice::Auto)]
+    pub backend: BackendChoice,
+    /// Inference threads per run, shared by the process (ONNX Runtime intra-op threads, tract's
+    /// kernel pool); 0: one per core.
     #[arg(long, env = "EDGE_AGENT_THREADS", default_value_t = 0)]
     pub threads: usize,
     /// Path of libonnxruntime.so (default: ORT_DYLIB_PATH, the project's .venv, the system).
@@ -125,4 +131,16 @@ pub enum Verb {
 
 pub fn init_logging(format: LogFormat) {
     telemetry::init_logging(format);
+}
+
+impl Config {
+    /// Which engine runs the graphs, and how.
+    pub fn engine_options(&self) -> EngineOptions {
+        EngineOptions {
+            backend: self.backend,
+            ort_lib: self.ort_lib.clone(),
+            threads: self.threads,
+            session: SessionOptions { provider: self.execution_provider, ..SessionOptions::default() },
+        }
+    }
 }

@@ -32,10 +32,11 @@ use std::time::{Duration, Instant};
 use api::Names;
 pub use classify::{classify, ClassifyOutput};
 use classynet_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use classynet_runtime::backend::EngineBackend;
 use classynet_runtime::backend::Tensor;
+use classynet_runtime::engine;
 use classynet_runtime::exit::{Policy, PolicyFile};
 use classynet_runtime::model::Model;
-use classynet_runtime::ort_backend::{init_ort, OrtBackend, SessionOptions};
 use classynet_runtime::runner::SegmentedRunner;
 use classynet_runtime::worker::Worker;
 use classynet_serving::batcher::{Admission, BatchConfig, Batcher, Origin, Served};
@@ -70,8 +71,8 @@ pub struct Edge {
 impl Edge {
     /// Loads the head, starts its runner thread and the link to the cloud.
     pub async fn load(config: &Config) -> anyhow::Result<Arc<Edge>> {
-        let cfg = config.clone();
-        tokio::task::spawn_blocking(move || init_ort(cfg.ort_lib.as_deref(), cfg.threads)).await??;
+        let opts = config.engine_options();
+        let engine = tokio::task::spawn_blocking(move || engine::open(&opts)).await??;
         let (head, k) = load_head(config).await?;
         let m = head.num_exits();
         anyhow::ensure!(
@@ -82,9 +83,10 @@ impl Edge {
         let policy = Policy::defaults(&head.meta);
         let sample = head.meta.input.shape.clone();
         let (h, p) = (head.clone(), policy.clone());
-        let opts = SessionOptions { provider: config.execution_provider, ..SessionOptions::default() };
         let worker = tokio::task::spawn_blocking(move || {
-            Worker::spawn("edge-head", 2, move || SegmentedRunner::new(OrtBackend::new(&h, opts)?, 0, &p, Some(sample)))
+            Worker::spawn("edge-head", 2, move || {
+                SegmentedRunner::new(EngineBackend::new(engine, &h)?, 0, &p, Some(sample))
+            })
         })
         .await??;
         let n: usize = head.meta.input.shape.iter().product();

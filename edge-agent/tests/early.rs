@@ -12,7 +12,7 @@ use classynet_proto::inference::*;
 use classynet_runtime::dataset::Dataset;
 use classynet_runtime::exit::Policy;
 use classynet_runtime::model::Model;
-use classynet_runtime::ort_backend::{init_ort, OrtBackend, SessionOptions};
+use classynet_runtime::ort_backend::{init_ort, OrtEngine, SessionOptions};
 use classynet_runtime::partition::{extract_side, segments, Side};
 use classynet_runtime::runner::{SampleResult, SegmentedRunner};
 use classynet_serving::codec;
@@ -32,7 +32,7 @@ fn pick_samples(model: &Model, early: usize, forwarded: usize) -> (Vec<usize>, V
             .unwrap();
     let head = Model::from_bytes(&head.encode_to_vec(), "head E2").unwrap();
     let mut r = SegmentedRunner::new(
-        OrtBackend::new(&head, SessionOptions::default()).unwrap(),
+        OrtEngine::backend(&head, SessionOptions::default()).unwrap(),
         0,
         &Policy::defaults(&head.meta),
         None,

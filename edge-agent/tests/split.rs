@@ -10,7 +10,7 @@ use classynet_proto::inference::*;
 use classynet_runtime::dataset::{Dataset, Pixels};
 use classynet_runtime::exit::Policy;
 use classynet_runtime::model::Model;
-use classynet_runtime::ort_backend::{init_ort, OrtBackend, SessionOptions};
+use classynet_runtime::ort_backend::{init_ort, OrtEngine, SessionOptions};
 use classynet_runtime::runner::{SampleResult, SegmentedRunner};
 use classynet_serving::batcher::Origin;
 use classynet_serving::codec;
@@ -56,7 +56,7 @@ fn local(model: &Model, policy: &Policy) -> Vec<(u32, usize)> {
     init_ort(None, 1).unwrap();
     let ds = Dataset::open_for("fashion-mnist:test", None, Some(SAMPLES), model).unwrap();
     let mut r =
-        SegmentedRunner::new(OrtBackend::new(model, SessionOptions::default()).unwrap(), 0, policy, None).unwrap();
+        SegmentedRunner::new(OrtEngine::backend(model, SessionOptions::default()).unwrap(), 0, policy, None).unwrap();
     let mut out = Vec::new();
     for f in (0..ds.len()).step_by(64) {
         for s in r.run(ds.batch(model, f..(f + 64).min(ds.len()))).unwrap().results {

@@ -1,13 +1,20 @@
 //! The inference backend seam: run one segment on a batch, report its tensors.
 //!
 //! Batching, compaction and exit decisions are written against [`Backend`] only, so they are
-//! tested with a fake and another engine can be added beside ONNX Runtime
-//! ([`crate::ort_backend`]). Backends are driven from one dedicated thread each
-//! ([`crate::worker`]), never from async tasks.
+//! tested with a fake. Engines plug in one level lower: an [`Engine`] compiles ONNX graphs into
+//! [`Graph`]s, and [`EngineBackend`] turns any engine into a [`Backend`] (one graph per group of
+//! segments). ONNX Runtime ([`crate::ort_backend`]) and tract ([`crate::tract_backend`]) are
+//! the two engines; [`crate::engine`] picks one. Backends are driven from one dedicated thread
+//! each ([`crate::worker`]), never from async tasks.
 
+use std::collections::HashMap;
 use std::ops::Range;
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
+use crate::model::Model;
+use crate::onnx;
+use crate::partition::{extract, segments, Logits, Segment};
 
 /// A dense float32 tensor, row-major.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -77,6 +84,82 @@ pub trait Backend: Send {
     /// Runs the segments of `group` (one of the prepared groups) on `input` (`[n, ...]`,
     /// n ≥ 1): the logits of the group's last exit and the cut after its last segment.
     fn run_group(&mut self, group: Range<usize>, input: &Tensor) -> Result<SegmentOutput>;
+}
+
+/// One compiled graph of an engine: a whole model, a partition, or a group of segments. Used
+/// from one thread at a time.
+pub trait Graph: Send {
+    /// Output names, in the order [`Graph::run`] returns them.
+    fn output_names(&self) -> &[String];
+
+    /// Runs the graph on one float32 tensor (`[n, ...]`, any n ≥ 1).
+    fn run(&mut self, input: &Tensor) -> Result<Vec<Tensor>>;
+}
+
+/// An inference engine: compiles ONNX graphs into runnable [`Graph`]s.
+pub trait Engine: Send + Sync {
+    /// The engine's name, as `--backend` spells it.
+    fn name(&self) -> &'static str;
+
+    /// Compiles a graph with one float32 input whose first dimension is the batch.
+    fn compile(&self, proto: &onnx::ModelProto) -> Result<Box<dyn Graph>>;
+}
+
+/// A [`Backend`] over any [`Engine`]: one compiled graph per group of segments the runner asks
+/// for, built from the partitioner's graphs. Graphs follow the policy: [`Backend::prepare`]
+/// builds the groups a new policy needs and drops the others, so the weights are held once.
+pub struct EngineBackend {
+    engine: Arc<dyn Engine>,
+    model: Model,
+    segments: Vec<Segment>,
+    graphs: HashMap<Range<usize>, Box<dyn Graph>>,
+}
+
+impl EngineBackend {
+    /// Cuts `model` into its segments; graphs are compiled by [`Backend::prepare`].
+    pub fn new(engine: Arc<dyn Engine>, model: &Model) -> Result<EngineBackend> {
+        let segments = segments(model)?;
+        Ok(EngineBackend { engine, model: model.clone(), segments, graphs: HashMap::new() })
+    }
+
+    /// The engine's name.
+    pub fn engine(&self) -> &'static str {
+        self.engine.name()
+    }
+}
+
+impl Backend for EngineBackend {
+    fn num_segments(&self) -> usize {
+        self.segments.len()
+    }
+
+    fn prepare(&mut self, groups: &[Range<usize>]) -> Result<()> {
+        let mut next = HashMap::new();
+        for g in groups {
+            let graph = match self.graphs.remove(g) {
+                Some(graph) => graph,
+                None => {
+                    let segs = &self.segments[g.clone()];
+                    let name =
+                        format!("{}-E{}..E{}", self.model.name(), segs[0].exit + 1, segs[segs.len() - 1].exit + 1);
+                    self.engine.compile(&extract(&self.model, segs, Logits::Last, None, &name))?
+                }
+            };
+            next.insert(g.clone(), graph);
+        }
+        self.graphs = next;
+        Ok(())
+    }
+
+    fn run_group(&mut self, group: Range<usize>, input: &Tensor) -> Result<SegmentOutput> {
+        let graph = self
+            .graphs
+            .get_mut(&group)
+            .ok_or_else(|| Error::Backend(format!("segments {group:?} were not prepared")))?;
+        let mut outs = graph.run(input)?.into_iter();
+        let logits = outs.next().ok_or_else(|| Error::Backend("segment produced no logits".into()))?;
+        Ok(SegmentOutput { logits, cut: outs.next() })
+    }
 }
 
 #[cfg(test)]

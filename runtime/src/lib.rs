@@ -14,6 +14,7 @@
 
 pub mod backend;
 pub mod dataset;
+pub mod engine;
 pub mod error;
 pub mod exit;
 pub mod format;
@@ -29,6 +30,8 @@ pub mod partition;
 pub mod planner;
 pub mod report;
 pub mod runner;
+#[cfg(feature = "tract")]
+pub mod tract_backend;
 pub mod worker;
 
 pub use error::{Error, Result};

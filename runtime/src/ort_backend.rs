@@ -1,15 +1,13 @@
-//! ONNX Runtime behind the [`Backend`] trait: one session per segment, built from the
-//! partitioner's per-segment graphs, and the discovery of the ONNX Runtime shared library.
+//! ONNX Runtime as an [`Engine`]: one session per graph (the segmented backend asks for one per
+//! group of segments), execution providers, and the discovery of the shared library.
 //!
 //! `ort` is built with `load-dynamic`: nothing is downloaded at build time and the library is
 //! opened at run time. It is looked for, in order, at the `--ort-lib` path, at
 //! `ORT_DYLIB_PATH`, in the project's `.venv` (where `scripts/setup` installs the pinned
 //! `onnxruntime` wheel), and finally by the system's loader.
 
-use std::collections::HashMap;
-use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::onnx;
 use ort::environment::{Environment, GlobalThreadPoolOptions};
@@ -19,10 +17,10 @@ use ort::session::Session;
 use ort::value::TensorRef;
 use prost::Message;
 
-use crate::backend::{Backend, SegmentOutput, Tensor};
+use crate::backend::{Engine, EngineBackend, Graph, Tensor};
+pub use crate::engine::{Provider, SessionOptions};
 use crate::error::{Error, Result};
 use crate::model::Model;
-use crate::partition::{extract, segments, Logits, Segment};
 
 /// The ONNX Runtime version `scripts/setup` installs; `ort` needs at least API level 31.
 pub const ORT_VERSION: &str = "1.31.1";
@@ -119,47 +117,7 @@ fn venv_library() -> Option<PathBuf> {
     })
 }
 
-/// Session settings shared by every graph a process runs.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SessionOptions {
-    /// Graph optimisation off, for debugging numerical differences (default: all levels on).
-    pub no_optimization: bool,
-    /// Which ONNX Runtime execution provider runs the graphs (default: the CPU). A provider the
-    /// loaded library lacks falls back to the CPU with a warning; see [`Provider`].
-    pub provider: Provider,
-}
-
-/// An ONNX Runtime execution provider to run sessions on.
-///
-/// CUDA and TensorRT are registered with the session when asked for; when the loaded
-/// `libonnxruntime.so` was built without them (the PyPI `onnxruntime` wheel is CPU-only), or
-/// registering them fails (no GPU, missing CUDA/cuDNN/TensorRT libraries), the session runs on the
-/// CPU and a warning, once per process and reason, names the provider and the reason.
-/// [`OrtGraph::provider`] tells which provider a session actually got.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
-#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
-pub enum Provider {
-    /// ONNX Runtime's CPU execution provider.
-    #[default]
-    Cpu,
-    /// NVIDIA CUDA (CUDAExecutionProvider); needs an ONNX Runtime built with CUDA.
-    Cuda,
-    /// NVIDIA TensorRT (TensorrtExecutionProvider), with CUDA for the nodes TensorRT does not take;
-    /// needs an ONNX Runtime built with TensorRT. Falls back to CUDA, then to the CPU.
-    #[cfg_attr(feature = "clap", value(name = "tensorrt"))]
-    TensorRt,
-}
-
 impl Provider {
-    /// The name used on the command line (`cpu`, `cuda`, `tensorrt`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Provider::Cpu => "cpu",
-            Provider::Cuda => "cuda",
-            Provider::TensorRt => "tensorrt",
-        }
-    }
-
     /// ONNX Runtime's name for the provider (`CUDAExecutionProvider`, ...).
     pub fn ort_name(self) -> &'static str {
         match self {
@@ -206,12 +164,6 @@ impl Provider {
             Provider::TensorRt => ep::TensorRT::default().register(builder),
         };
         registered.map_err(|e| e.to_string())
-    }
-}
-
-impl std::fmt::Display for Provider {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 
@@ -334,56 +286,41 @@ impl OrtGraph {
     }
 }
 
-/// A [`Backend`] over ONNX Runtime: one session per group of segments the runner asks for,
-/// built from the partitioner's graphs. Sessions follow the policy: [`Backend::prepare`]
-/// builds the groups a new policy needs and drops the others, so the weights are held once.
-pub struct OrtBackend {
-    model: Model,
-    segments: Vec<Segment>,
-    opts: SessionOptions,
-    sessions: HashMap<Range<usize>, OrtGraph>,
+impl Graph for OrtGraph {
+    fn output_names(&self) -> &[String] {
+        &self.outputs
+    }
+
+    fn run(&mut self, input: &Tensor) -> Result<Vec<Tensor>> {
+        OrtGraph::run(self, input)
+    }
 }
 
-impl OrtBackend {
-    /// Cuts `model` into its segments; sessions are opened by [`Backend::prepare`].
+/// ONNX Runtime as an [`Engine`]: every graph becomes one session with the process's options.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OrtEngine {
+    pub opts: SessionOptions,
+}
+
+impl OrtEngine {
     /// [`init_ort`] must have succeeded first.
-    pub fn new(model: &Model, opts: SessionOptions) -> Result<OrtBackend> {
+    pub fn new(opts: SessionOptions) -> Result<OrtEngine> {
         environment()?;
-        let segments = segments(model)?;
-        Ok(OrtBackend { model: model.clone(), segments, opts, sessions: HashMap::new() })
+        Ok(OrtEngine { opts })
+    }
+
+    /// A segmented backend for `model` on ONNX Runtime.
+    pub fn backend(model: &Model, opts: SessionOptions) -> Result<EngineBackend> {
+        EngineBackend::new(Arc::new(OrtEngine::new(opts)?), model)
     }
 }
 
-impl Backend for OrtBackend {
-    fn num_segments(&self) -> usize {
-        self.segments.len()
+impl Engine for OrtEngine {
+    fn name(&self) -> &'static str {
+        "ort"
     }
 
-    fn prepare(&mut self, groups: &[Range<usize>]) -> Result<()> {
-        let mut next = HashMap::new();
-        for g in groups {
-            let graph = match self.sessions.remove(g) {
-                Some(s) => s,
-                None => {
-                    let segs = &self.segments[g.clone()];
-                    let name =
-                        format!("{}-E{}..E{}", self.model.name(), segs[0].exit + 1, segs[segs.len() - 1].exit + 1);
-                    OrtGraph::new(&extract(&self.model, segs, Logits::Last, None, &name), self.opts)?
-                }
-            };
-            next.insert(g.clone(), graph);
-        }
-        self.sessions = next;
-        Ok(())
-    }
-
-    fn run_group(&mut self, group: Range<usize>, input: &Tensor) -> Result<SegmentOutput> {
-        let graph = self
-            .sessions
-            .get_mut(&group)
-            .ok_or_else(|| Error::Backend(format!("segments {group:?} were not prepared")))?;
-        let mut outs = graph.run(input)?.into_iter();
-        let logits = outs.next().ok_or_else(|| Error::Backend("segment produced no logits".into()))?;
-        Ok(SegmentOutput { logits, cut: outs.next() })
+    fn compile(&self, proto: &onnx::ModelProto) -> Result<Box<dyn Graph>> {
+        Ok(Box::new(OrtGraph::new(proto, self.opts)?))
     }
 }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use classynet_runtime::backend::Tensor;
 use classynet_runtime::exit::{Outcome, Policy, PolicyFile};
 use classynet_runtime::model::Model;
-use classynet_runtime::ort_backend::{init_ort, OrtBackend, OrtGraph, SessionOptions};
+use classynet_runtime::ort_backend::{init_ort, OrtEngine, OrtGraph, SessionOptions};
 use classynet_runtime::runner::{SampleResult, SegmentedRunner};
 use classynet_runtime::worker::Worker;
 use prost::Message;
@@ -72,7 +72,7 @@ fn segmented_answers_equal_algorithm_1_on_the_full_model() {
     assert!(per_exit.iter().all(|&c| c > 0), "fixture inputs reach every exit: {per_exit:?}");
 
     let mut runner = SegmentedRunner::new(
-        OrtBackend::new(&model, SessionOptions::default()).unwrap(),
+        OrtEngine::backend(&model, SessionOptions::default()).unwrap(),
         0,
         &policy,
         Some(vec![1, 4, 4]),
@@ -104,7 +104,7 @@ fn a_worker_refuses_a_wrong_shape_and_keeps_serving() {
     let m = model.clone();
     let worker = Worker::spawn("test-ort", 2, move || {
         let policy = Policy::defaults(&m.meta);
-        SegmentedRunner::new(OrtBackend::new(&m, SessionOptions::default())?, 0, &policy, Some(vec![1, 4, 4]))
+        SegmentedRunner::new(OrtEngine::backend(&m, SessionOptions::default())?, 0, &policy, Some(vec![1, 4, 4]))
     })
     .unwrap();
     let bad = Tensor::new(vec![2, 1, 28, 28], vec![0.0; 2 * 784]).unwrap();
@@ -139,8 +139,9 @@ fn a_head_partition_forwards_what_its_tail_finishes() {
     let x = inputs(200, 42);
     let want = reference(&model, &policy, &x);
     let opts = SessionOptions::default();
-    let mut h = SegmentedRunner::new(OrtBackend::new(&head, opts).unwrap(), 0, &policy, Some(vec![1, 4, 4])).unwrap();
-    let mut t = SegmentedRunner::new(OrtBackend::new(&tail, opts).unwrap(), 1, &policy, None).unwrap();
+    let mut h =
+        SegmentedRunner::new(OrtEngine::backend(&head, opts).unwrap(), 0, &policy, Some(vec![1, 4, 4])).unwrap();
+    let mut t = SegmentedRunner::new(OrtEngine::backend(&tail, opts).unwrap(), 1, &policy, None).unwrap();
     let out = h.run(x).unwrap();
     let fwd = out.forward.expect("some samples go on past E1");
     let rest = t.run(fwd.cut).unwrap();
