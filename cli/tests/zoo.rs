@@ -1,4 +1,4 @@
-//! Every model in models/zoo/ loads in the runtime, splits exactly, and the runtime's early-exit
+//! Every model in models/zoo/ loads in the runtime, splits exactly on both engines, and the runtime's early-exit
 //! answers on the Fashion-MNIST test set agree with what the trainer measured (its model card,
 //! computed in Python with the same rule).
 
@@ -31,24 +31,28 @@ fn every_zoo_model_splits_exactly_and_matches_its_card() {
     assert!(!models.is_empty(), "models/zoo holds at least the tiny model");
     for model in models {
         let m = model.to_str().unwrap();
-        let v = classynet(&["verify-split", "--model", m, "--limit", "64", "--json"]);
-        assert_eq!(v["ok"], true, "{m}: {v}");
-
         let card: Value =
             serde_json::from_str(&std::fs::read_to_string(model.with_extension("card.json")).unwrap()).unwrap();
-        let run = classynet(&["run", "--model", m, "--batch", "64", "--json"]);
-        assert_eq!(run["samples"], 10000);
-        let want = card["early_exit_accuracy"].as_f64().unwrap();
-        let got = run["accuracy"].as_f64().unwrap();
-        // Same rule, float32 here and float64 in Python: a sample sitting on a threshold may go
-        // either way, nothing more.
-        assert!((got - want).abs() <= 0.001, "{m}: runtime accuracy {got}, card {want}");
-        let counts: Vec<i64> = run["exits"].as_array().unwrap().iter().map(|e| e["count"].as_i64().unwrap()).collect();
-        let card_counts: Vec<i64> =
-            card["exit_counts"].as_array().unwrap().iter().map(|c| c.as_i64().unwrap()).collect();
-        assert_eq!(counts.len(), card_counts.len());
-        for (a, b) in counts.iter().zip(&card_counts) {
-            assert!((a - b).abs() <= 10, "{m}: exit counts {counts:?} vs card {card_counts:?}");
+        // Both engines: each must split exactly and reproduce the card.
+        for backend in ["ort", "tract"] {
+            let v = classynet(&["--backend", backend, "verify-split", "--model", m, "--limit", "64", "--json"]);
+            assert_eq!(v["ok"], true, "{m} on {backend}: {v}");
+
+            let run = classynet(&["--backend", backend, "run", "--model", m, "--batch", "64", "--json"]);
+            assert_eq!(run["samples"], 10000);
+            let want = card["early_exit_accuracy"].as_f64().unwrap();
+            let got = run["accuracy"].as_f64().unwrap();
+            // Same rule, float32 here and float64 in Python: a sample sitting on a threshold may
+            // go either way, nothing more.
+            assert!((got - want).abs() <= 0.001, "{m} on {backend}: runtime accuracy {got}, card {want}");
+            let counts: Vec<i64> =
+                run["exits"].as_array().unwrap().iter().map(|e| e["count"].as_i64().unwrap()).collect();
+            let card_counts: Vec<i64> =
+                card["exit_counts"].as_array().unwrap().iter().map(|c| c.as_i64().unwrap()).collect();
+            assert_eq!(counts.len(), card_counts.len());
+            for (a, b) in counts.iter().zip(&card_counts) {
+                assert!((a - b).abs() <= 10, "{m} on {backend}: exit counts {counts:?} vs card {card_counts:?}");
+            }
         }
     }
 }

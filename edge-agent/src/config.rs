@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use classynet_runtime::engine::{BackendChoice, EngineOptions, Provider, SessionOptions};
+use classynet_runtime::planner::BatchChoice;
 use classynet_serving::codec::WireDtype;
 use classynet_serving::telemetry::{self, LogFormat};
 
@@ -17,7 +18,9 @@ pub struct Config {
     /// Exits kept on this device: E2 runs exits E1 and E2 here and forwards the rest.
     #[arg(long, env = "EDGE_AGENT_PARTITION", conflicts_with = "memory_budget")]
     pub partition: Option<String>,
-    /// Pick the deepest partition whose weights + activations fit, e.g. 5.54MB (needs --model).
+    /// Pick the deepest partition whose weights + activations fit, e.g. 5.54MB (needs --model), at
+    /// --max-batch. The budget is the model's: the process holds the engine's baseline on top
+    /// (`classynet plan` measures it; the edge logs and exports its resident set against the plan).
     #[arg(long, env = "EDGE_AGENT_MEMORY_BUDGET", value_name = "SIZE")]
     pub memory_budget: Option<String>,
     /// The full model or a head partition file; without it the head is downloaded from the
@@ -27,9 +30,12 @@ pub struct Config {
     /// Address of the local v2 API (keep it on loopback unless clients are elsewhere).
     #[arg(long, env = "EDGE_AGENT_LISTEN", default_value = "127.0.0.1:8001")]
     pub listen: String,
-    /// Most samples the head runs together (the paper's edge batch is 16).
-    #[arg(long, env = "EDGE_AGENT_MAX_BATCH", default_value_t = 16)]
-    pub max_batch: usize,
+    /// Most samples the head runs together (the paper's edge batch is 16), or `auto` with
+    /// --memory-budget: the largest batch up to 16 (`auto:N`: up to N) with which a partition fits
+    /// the budget, so a small budget runs E1 at a smaller batch instead of refusing to start.
+    /// Smaller batches cost throughput, not answers.
+    #[arg(long, env = "EDGE_AGENT_MAX_BATCH", default_value = "16", value_name = "N|auto|auto:N")]
+    pub max_batch: BatchChoice,
     /// Longest a sample waits for others to fill its batch, in milliseconds.
     #[arg(long, env = "EDGE_AGENT_MAX_DELAY_MS", default_value_t = 2)]
     pub max_delay_ms: u64,

@@ -1,5 +1,6 @@
 //! Finding the head this edge runs: a head partition file, the full model cut at `--partition`
-//! or at the deepest partition that fits `--memory-budget`, or a download from the cloud.
+//! or at the deepest partition that fits `--memory-budget`, or a download from the cloud; and the
+//! batch it runs (`--max-batch N`, or `auto`: the largest batch with which a partition fits).
 
 use std::time::Duration;
 
@@ -8,7 +9,7 @@ use classynet_proto::control::GetPartitionRequest;
 use classynet_runtime::format::PartitionRole;
 use classynet_runtime::model::{parse_partition, Model};
 use classynet_runtime::partition::{extract_side, segments, Side};
-use classynet_runtime::planner::{choose, parse_size, plan, Formula};
+use classynet_runtime::planner::{choose, choose_batch, parse_size, plan, resident, BatchChoice, BatchPlan, Formula};
 use prost::Message;
 use tokio_stream::StreamExt;
 
@@ -18,9 +19,67 @@ use crate::config::Config;
 /// Largest head partition the edge accepts from the cloud (far above any model it can run).
 const MAX_HEAD_BYTES: usize = 1 << 31;
 
-/// Finds the head this edge runs: from a local file (full model or head partition), or from the
-/// cloud.
-pub(crate) async fn load_head(config: &Config) -> anyhow::Result<(Model, usize)> {
+/// The head this edge runs, its batch, and what the planner says it needs.
+pub(crate) struct Head {
+    pub model: Model,
+    /// Exits on this device.
+    pub k: usize,
+    /// Most samples per run: `--max-batch N`, or what `auto` chose.
+    pub max_batch: usize,
+    /// The planner's weights + peak activations of this head at `max_batch` (None when the head's
+    /// graph cannot be planned); what the memory report compares the resident set with.
+    pub plan_bytes: Option<u64>,
+    /// Resident memory before the model was read, with the engine already open: the process's
+    /// own baseline (code, the engine, tokio and gRPC), measured where it runs.
+    pub baseline_bytes: Option<u64>,
+}
+
+/// Finds the head this edge runs (see [`find_head`]) and its batch, and plans its memory.
+pub(crate) async fn load_head(config: &Config) -> anyhow::Result<Head> {
+    // The engine is open and no model is read yet: what every model pays on top.
+    let baseline_bytes = resident().map(|r| r.rss_bytes);
+    let (model, k, chosen_batch) = find_head(config).await?;
+    // Cutting the head parsed the whole model file; give that memory back before the engine
+    // loads the head (see `return_freed_heap`).
+    return_freed_heap();
+    let max_batch = match (chosen_batch, config.max_batch) {
+        (Some(b), _) => b,
+        (None, BatchChoice::Fixed(b)) => b,
+        (None, BatchChoice::Auto { max }) => {
+            tracing::info!(
+                max_batch = max,
+                "--max-batch {}: without --memory-budget (and a full --model) nothing limits the batch; \
+                 running batches of up to {max}",
+                config.max_batch
+            );
+            max
+        }
+    };
+    let plan_bytes = segments(&model).ok().and_then(|segs| plan(&model, &segs, max_batch).last().map(|c| c.total()));
+    Ok(Head { model, k, max_batch, plan_bytes, baseline_bytes })
+}
+
+/// Hands freed heap memory back to the kernel. glibc keeps freed memory of the main heap and its
+/// arenas resident for reuse; after the full model file (7 MB for the zoo's ResNet-110, decoded
+/// and copied while its head is cut) is dropped, that was measured at about 17 MB of resident
+/// memory that an E1 head of 60 kB never uses again. `malloc_trim` returns it.
+fn return_freed_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn malloc_trim(pad: usize) -> std::ffi::c_int;
+        }
+        // SAFETY: malloc_trim only releases free pages of glibc's own heaps; it takes no pointer
+        // and is safe to call from any thread at any time.
+        unsafe {
+            malloc_trim(0);
+        }
+    }
+}
+
+/// Finds the head: from a local file (full model or head partition), or from the cloud. With
+/// `--memory-budget` also the batch (`Some`), chosen with the partition.
+async fn find_head(config: &Config) -> anyhow::Result<(Model, usize, Option<usize>)> {
     let wanted = |m: usize| -> anyhow::Result<Option<usize>> {
         Ok(match &config.partition {
             Some(p) => Some(parse_partition(p, m)?),
@@ -36,21 +95,31 @@ pub(crate) async fn load_head(config: &Config) -> anyhow::Result<(Model, usize)>
             if let Some(w) = wanted(m)? {
                 anyhow::ensure!(w == k, "{} holds partition E{k}, but --partition asks for E{w}", path.display());
             }
-            return Ok((model, k));
+            return Ok((model, k, None));
         }
         let segs = segments(&model)?;
-        let k = match (wanted(m)?, &config.memory_budget) {
-            (Some(k), _) => k,
+        let (k, batch) = match (wanted(m)?, &config.memory_budget) {
+            (Some(k), _) => (k, None),
             (None, Some(b)) => {
-                let costs = plan(&model, &segs, config.max_batch);
-                let (i, why) = choose(&costs, parse_size(b)?, Formula::Runtime)?;
-                tracing::info!("{why}");
-                i + 1
+                let budget = parse_size(b)?;
+                let p = match config.max_batch {
+                    BatchChoice::Auto { max } => {
+                        choose_batch(max, budget, Formula::Runtime, |b| plan(&model, &segs, b))?
+                    }
+                    BatchChoice::Fixed(n) => {
+                        let costs = plan(&model, &segs, n);
+                        let (index, why) = choose(&costs, budget, Formula::Runtime)
+                            .map_err(|e| anyhow::anyhow!("{e}; --max-batch auto would try smaller batches"))?;
+                        BatchPlan { batch: n, index, costs, why }
+                    }
+                };
+                tracing::info!(partition = p.index + 1, batch = p.batch, "{}", p.why);
+                (p.index + 1, Some(p.batch))
             }
             (None, None) => anyhow::bail!("give --partition Ek or --memory-budget SIZE"),
         };
         let head = extract_side(&model, &segs, &Side::parse(&format!("E{k}"), PartitionRole::Head, m)?)?;
-        return Ok((Model::from_bytes(&head.encode_to_vec(), &format!("{} head E{k}", path.display()))?, k));
+        return Ok((Model::from_bytes(&head.encode_to_vec(), &format!("{} head E{k}", path.display()))?, k, batch));
     }
     let server = config.server.as_deref().ok_or_else(|| anyhow::anyhow!("give --model FILE or --server ADDR"))?;
     let ep = cloud_endpoint(config)?.expect("--server is set");
@@ -86,5 +155,5 @@ pub(crate) async fn load_head(config: &Config) -> anyhow::Result<(Model, usize)>
     let model = Model::from_bytes(&bytes, &format!("{server} partition {partition}"))?;
     let k = model.present.end;
     tracing::info!(partition, bytes = bytes.len(), "head partition downloaded from the cloud");
-    Ok((model, k))
+    Ok((model, k, None))
 }

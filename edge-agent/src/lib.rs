@@ -22,6 +22,7 @@ mod cloud_client;
 mod config;
 mod forward;
 mod head;
+mod memory;
 mod policy_watch;
 mod server;
 
@@ -73,7 +74,7 @@ impl Edge {
     pub async fn load(config: &Config) -> anyhow::Result<Arc<Edge>> {
         let opts = config.engine_options();
         let engine = tokio::task::spawn_blocking(move || engine::open(&opts)).await??;
-        let (head, k) = load_head(config).await?;
+        let head::Head { model: head, k, max_batch, plan_bytes, baseline_bytes } = load_head(config).await?;
         let m = head.num_exits();
         anyhow::ensure!(
             k == m || config.server.is_some(),
@@ -122,16 +123,16 @@ impl Edge {
         let batcher = Batcher::spawn(
             worker.clone(),
             BatchConfig {
-                max_batch: config.max_batch.max(1),
+                max_batch: max_batch.max(1),
                 max_delay: Duration::from_millis(config.max_delay_ms),
-                max_queue: config.max_queue.max(config.max_batch),
+                max_queue: config.max_queue.max(max_batch),
                 max_queue_delay: (config.max_queue_delay_ms > 0)
                     .then(|| Duration::from_millis(config.max_queue_delay_ms)),
                 side: "edge",
             },
             Some(forwarder(Arc::new(context))),
         );
-        batcher.seed_batch_time(one * config.max_batch.max(1) as u32);
+        batcher.seed_batch_time(one * max_batch.max(1) as u32);
         let edge = Arc::new(Edge {
             head,
             k,
@@ -144,6 +145,10 @@ impl Edge {
             server: config.server.clone(),
             cloud,
         });
+        tokio::spawn(memory::watch(
+            Arc::downgrade(&edge),
+            memory::MemoryPlan { batch: max_batch, plan_bytes, baseline_bytes },
+        ));
         // Also with every exit on the edge: the cloud still owns the class sets and thresholds.
         if edge.server.is_some() {
             // The task holds a weak reference: dropping the last Edge ends it.

@@ -13,6 +13,12 @@
 //!   Runtime's arena rounds up and may reuse buffers, so its measured peak differs slightly.
 //! * **total** = weights + activations(B);
 //! * the paper's formula, parameters × 4 bytes × B, beside it for comparison.
+//!
+//! The batch is part of the plan: [`choose_batch`] tries every batch from a ceiling down to 1 and
+//! keeps the first at which some partition fits, so a small budget runs `E1` at a small batch
+//! instead of nothing at 16. What the engine itself holds resident (ONNX Runtime's library and
+//! environment: tens of MB) is not counted here; `classynet plan` measures it per engine, and
+//! its `--count-baseline` takes it off the budget before choosing.
 
 use std::collections::HashMap;
 
@@ -56,6 +62,132 @@ pub enum Formula {
     Runtime,
     /// parameters × 4 bytes × batch, as in the paper's Table IV.
     Paper,
+}
+
+/// The batch an edge runs: a fixed size, or `auto` (up to a ceiling) for the largest batch with
+/// which some partition fits the budget.
+///
+/// Text form: `16` (fixed), `auto` (ceiling [`DEFAULT_AUTO_MAX_BATCH`]), `auto:32` (ceiling 32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchChoice {
+    Fixed(usize),
+    Auto { max: usize },
+}
+
+/// The ceiling of `--max-batch auto`: the paper's edge batch.
+pub const DEFAULT_AUTO_MAX_BATCH: usize = 16;
+
+impl BatchChoice {
+    /// The largest batch this choice allows (the fixed size, or the ceiling of `auto`).
+    pub fn max(self) -> usize {
+        match self {
+            BatchChoice::Fixed(n) | BatchChoice::Auto { max: n } => n,
+        }
+    }
+
+    pub fn is_auto(self) -> bool {
+        matches!(self, BatchChoice::Auto { .. })
+    }
+}
+
+impl std::str::FromStr for BatchChoice {
+    type Err = Error;
+
+    fn from_str(text: &str) -> Result<BatchChoice> {
+        let bad = || {
+            Error::Parse(format!(
+                "batch `{text}`: expected a number of samples (16), `auto` (the largest batch up to \
+                 {DEFAULT_AUTO_MAX_BATCH} with which a partition fits the budget) or `auto:N` (up to N)"
+            ))
+        };
+        let t = text.trim();
+        let (auto, n) = match t.strip_prefix("auto") {
+            Some("") => (true, DEFAULT_AUTO_MAX_BATCH),
+            Some(rest) => (true, rest.strip_prefix(':').and_then(|n| n.trim().parse().ok()).ok_or_else(bad)?),
+            None => (false, t.parse().map_err(|_| bad())?),
+        };
+        if n == 0 {
+            return Err(Error::Parse(format!("batch `{text}`: must be at least 1")));
+        }
+        Ok(if auto { BatchChoice::Auto { max: n } } else { BatchChoice::Fixed(n) })
+    }
+}
+
+impl std::fmt::Display for BatchChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BatchChoice::Fixed(n) => write!(f, "{n}"),
+            BatchChoice::Auto { max } if *max == DEFAULT_AUTO_MAX_BATCH => f.write_str("auto"),
+            BatchChoice::Auto { max } => write!(f, "auto:{max}"),
+        }
+    }
+}
+
+/// A partition and batch chosen for a budget.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchPlan {
+    /// The batch the edge runs.
+    pub batch: usize,
+    /// Index into `costs` of the chosen partition (`E{index + 1}`).
+    pub index: usize,
+    /// Costs of every partition at `batch`.
+    pub costs: Vec<PartitionCost>,
+    /// One sentence saying why.
+    pub why: String,
+}
+
+impl BatchPlan {
+    pub fn chosen(&self) -> &PartitionCost {
+        &self.costs[self.index]
+    }
+}
+
+/// Chooses the batch and the partition for `budget`: for each batch from `max_batch` down to 1,
+/// the deepest partition that fits ([`choose`]); the first batch at which any fits wins. So the
+/// configured batch is kept whenever something fits with it, and a budget too small for it gets
+/// the shallowest partition at a smaller batch instead of nothing. `costs_at(b)` is
+/// [`plan`] at batch `b` (a closure so that tests need no model). An error when even batch 1
+/// fits nothing, with the smallest need and the budget.
+pub fn choose_batch(
+    max_batch: usize,
+    budget: u64,
+    formula: Formula,
+    mut costs_at: impl FnMut(usize) -> Vec<PartitionCost>,
+) -> Result<BatchPlan> {
+    if max_batch == 0 {
+        return Err(Error::Parse("the largest batch must be at least 1".into()));
+    }
+    // Costs grow with the batch, so a bisection would do; the linear walk is at most a few dozen
+    // cheap passes over the graph and keeps "from the ceiling down" literal.
+    let mut smallest = None;
+    for batch in (1..=max_batch).rev() {
+        let costs = costs_at(batch);
+        match choose(&costs, budget, formula) {
+            Ok((index, why)) => {
+                let why = if batch < max_batch {
+                    format!("batch {batch} is the largest up to {max_batch} with which a partition fits; {why}")
+                } else {
+                    why
+                };
+                return Ok(BatchPlan { batch, index, costs, why });
+            }
+            Err(_) if batch == 1 => smallest = costs.into_iter().next(),
+            Err(_) => {}
+        }
+    }
+    let c = smallest.expect("a model has at least one partition");
+    let (need, what) = match formula {
+        Formula::Runtime => (c.total(), "weights + activations"),
+        Formula::Paper => (c.paper_bytes(), "params × 4 B × batch"),
+    };
+    Err(Error::Parse(format!(
+        "no partition fits a budget of {} at any batch from {max_batch} down to 1: the smallest, {} at batch 1, \
+         needs {} ({what}; {} more than the budget)",
+        human(budget),
+        c.name,
+        human(need),
+        human(need.saturating_sub(budget))
+    )))
 }
 
 /// Costs of `E1..EM` for a batch of `batch` samples. `segs` are the full model's segments.
@@ -115,6 +247,30 @@ pub fn choose(costs: &[PartitionCost], budget: u64, formula: Formula) -> Result<
             costs[0].batch
         ))),
     }
+}
+
+/// What the kernel counts as this process's memory (`/proc/self/status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resident {
+    /// Resident set now (`VmRSS`): anonymous memory plus the mapped pages of libraries and files.
+    pub rss_bytes: u64,
+    /// Highest resident set since the process started (`VmHWM`).
+    pub peak_bytes: u64,
+}
+
+/// This process's resident memory; `None` where `/proc` is not Linux's.
+pub fn resident() -> Option<Resident> {
+    parse_status(&std::fs::read_to_string("/proc/self/status").ok()?)
+}
+
+/// `VmRSS` and `VmHWM` from the text of a `/proc/PID/status` (the kernel writes them in KiB).
+pub fn parse_status(text: &str) -> Option<Resident> {
+    let field = |name: &str| -> Option<u64> {
+        let line = text.lines().find_map(|l| l.strip_prefix(name))?;
+        let kib: u64 = line.trim_start_matches(':').trim().trim_end_matches("kB").trim().parse().ok()?;
+        Some(kib * 1024)
+    };
+    Some(Resident { rss_bytes: field("VmRSS")?, peak_bytes: field("VmHWM")? })
 }
 
 /// Parses `470kB`, `2.31 MB`, `28.5MiB`, `1024` (bytes). kB/MB/GB are powers of 10; KiB/MiB/GiB
@@ -318,5 +474,69 @@ mod tests {
         assert!(e.contains("no partition fits a budget of 10 B") && e.contains("E1"), "{e}");
         let (i, _) = choose(&costs, 26 * 4, Formula::Paper).unwrap();
         assert_eq!(i, 0);
+    }
+
+    #[test]
+    fn resident_memory_is_read_from_proc_status() {
+        let text = "Name:\tx\nVmHWM:\t  2048 kB\nVmRSS:\t  1024 kB\n";
+        assert_eq!(parse_status(text), Some(Resident { rss_bytes: 1024 * 1024, peak_bytes: 2048 * 1024 }));
+        assert_eq!(parse_status("Name:\tx\n"), None);
+        if cfg!(target_os = "linux") {
+            let r = resident().expect("Linux has /proc/self/status");
+            assert!(r.rss_bytes > 0 && r.peak_bytes >= r.rss_bytes, "{r:?}");
+        }
+    }
+
+    #[test]
+    fn batch_choices_parse_fixed_auto_and_a_ceiling() {
+        assert_eq!("16".parse::<BatchChoice>().unwrap(), BatchChoice::Fixed(16));
+        assert_eq!("auto".parse::<BatchChoice>().unwrap(), BatchChoice::Auto { max: DEFAULT_AUTO_MAX_BATCH });
+        assert_eq!("auto:32".parse::<BatchChoice>().unwrap(), BatchChoice::Auto { max: 32 });
+        assert_eq!(BatchChoice::Auto { max: 32 }.to_string(), "auto:32");
+        assert_eq!(BatchChoice::Auto { max: 16 }.to_string(), "auto");
+        for bad in ["0", "auto:0", "auto:", "auto32", "many", "-1"] {
+            let e = bad.parse::<BatchChoice>().unwrap_err().to_string();
+            assert!(e.contains(&format!("batch `{bad}`")), "{bad}: {e}");
+        }
+    }
+
+    /// For each batch from the ceiling down, the deepest partition that fits; the first batch at
+    /// which any fits wins, so a larger batch beats a deeper partition.
+    #[test]
+    fn the_largest_batch_that_fits_wins_over_a_deeper_partition() {
+        let m = tiny3();
+        let segs = segments(&m).unwrap();
+        let at = |b: usize| plan(&m, &segs, b);
+        // Enough for everything at the ceiling: the ceiling and the deepest partition.
+        let p = choose_batch(16, u64::MAX, Formula::Runtime, at).unwrap();
+        assert_eq!((p.batch, p.index), (16, 2));
+        assert!(!p.why.contains("is the largest up to"), "{}", p.why);
+        // Exactly E1 at 16: batch 16 with E1, although E3 would fit at batch 1.
+        let e1_16 = at(16)[0].total();
+        assert!(at(1)[2].total() <= e1_16, "the fixture lets E3 fit at batch 1");
+        let p = choose_batch(16, e1_16, Formula::Runtime, at).unwrap();
+        assert_eq!((p.batch, p.chosen().name.as_str()), (16, "E1"));
+        // Between E1 at 3 and E1 at 4: batch 3.
+        let budget = at(3)[0].total();
+        assert!(at(4)[0].total() > budget);
+        let p = choose_batch(16, budget, Formula::Runtime, at).unwrap();
+        assert_eq!((p.batch, p.index), (3, 0));
+        assert_eq!(p.costs[0].batch, 3);
+        assert!(p.why.starts_with("batch 3 is the largest up to 16 with which a partition fits; E1"), "{}", p.why);
+        // The ceiling is respected even when the budget would allow more.
+        let p = choose_batch(4, u64::MAX, Formula::Runtime, at).unwrap();
+        assert_eq!(p.batch, 4);
+        // Not even E1 at batch 1: the smallest need and the budget.
+        let need = at(1)[0].total();
+        let e = choose_batch(16, need - 1, Formula::Runtime, at).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("no partition fits a budget of {}", human(need - 1)))
+                && e.contains("at any batch from 16 down to 1")
+                && e.contains(&format!("E1 at batch 1, needs {}", human(need))),
+            "{e}"
+        );
+        // The paper's formula is batch-linear: params × 4 B × batch.
+        let p = choose_batch(16, 26 * 4 * 5, Formula::Paper, at).unwrap();
+        assert_eq!((p.batch, p.index), (5, 0));
     }
 }

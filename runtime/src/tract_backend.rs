@@ -150,3 +150,80 @@ impl Graph for TractGraph {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::onnx::{tensor_shape_proto, type_proto, TensorShapeProto, TypeProto, ValueInfoProto};
+
+    fn value(name: &str, dims: &[i64]) -> ValueInfoProto {
+        let dim = |&v: &i64| tensor_shape_proto::Dimension {
+            value: Some(if v < 0 {
+                tensor_shape_proto::dimension::Value::DimParam("N".into())
+            } else {
+                tensor_shape_proto::dimension::Value::DimValue(v)
+            }),
+            ..Default::default()
+        };
+        ValueInfoProto {
+            name: Some(name.into()),
+            r#type: Some(TypeProto {
+                value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                    elem_type: Some(1), // FLOAT
+                    shape: Some(TensorShapeProto { dim: dims.iter().map(dim).collect() }),
+                })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// x [N, 3] → `op` → y [N, 3], opset 17.
+    fn one_node(op: &str) -> onnx::ModelProto {
+        onnx::ModelProto {
+            ir_version: Some(8),
+            opset_import: vec![onnx::OperatorSetIdProto { domain: Some(String::new()), version: Some(17) }],
+            graph: Some(onnx::GraphProto {
+                name: Some("one".into()),
+                node: vec![onnx::NodeProto {
+                    input: vec!["x".into()],
+                    output: vec!["y".into()],
+                    name: Some("the_node".into()),
+                    op_type: Some(op.into()),
+                    ..Default::default()
+                }],
+                input: vec![value("x", &[-1, 3])],
+                output: vec![value("y", &[-1, 3])],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn runs_any_batch_size_on_one_plan() {
+        let mut g = TractEngine::new(1).compile(&one_node("Relu")).unwrap();
+        assert_eq!(g.output_names(), ["y"]);
+        for n in [1, 4, 2] {
+            let x = Tensor::new(vec![n, 3], (0..3 * n).map(|i| i as f32 - 3.0).collect()).unwrap();
+            let y = g.run(&x).unwrap().remove(0);
+            assert_eq!(y.shape, vec![n, 3]);
+            assert_eq!(y.data, x.data.iter().map(|v| v.max(0.0)).collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn a_missing_operator_is_named_with_the_way_out() {
+        let e =
+            TractEngine::new(1).compile(&one_node("ClassyNetNoSuchOp")).err().expect("unknown operator").to_string();
+        assert!(e.contains("ClassyNetNoSuchOp (node `the_node`)") && e.contains("--backend ort"), "{e}");
+    }
+
+    #[test]
+    fn a_sample_shape_that_is_not_fixed_is_refused() {
+        let mut m = one_node("Relu");
+        m.graph.as_mut().unwrap().input = vec![value("x", &[-1, -1])];
+        let e = TractEngine::new(1).compile(&m).err().expect("symbolic sample shape").to_string();
+        assert!(e.contains("needs fixed dimensions after the batch"), "{e}");
+    }
+}

@@ -37,6 +37,18 @@ pub const SHED: &str = "classynet_requests_shed_total";
 /// cloud, degraded): an early exit's answer does not wait for the cloud.
 pub const ANSWER_SECONDS: &str = "classynet_answer_seconds";
 
+/// The edge's memory plan: the planner's weights + peak activations of its head at its batch,
+/// in bytes (what `--memory-budget` is compared with).
+pub const EDGE_MEMORY_PLAN: &str = "classynet_edge_memory_plan_bytes";
+/// The edge's resident memory before its model was read, with the engine open: the process's
+/// own baseline, which the plan does not count.
+pub const EDGE_MEMORY_BASELINE: &str = "classynet_edge_memory_baseline_bytes";
+/// The edge's resident set now (`VmRSS`), sampled every few seconds.
+pub const EDGE_RSS: &str = "classynet_edge_rss_bytes";
+/// The edge's highest resident set since it started (`VmHWM`): what a cgroup's `MemoryMax`
+/// must stay above.
+pub const EDGE_PEAK_RSS: &str = "classynet_edge_peak_rss_bytes";
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum LogFormat {
