@@ -108,7 +108,7 @@ fn dispatch(cli: &Cli) -> Result<ExitCode> {
     let opts = cli.engine_options();
     match &cli.command {
         Command::Inspect(a) => inspect::run(a).map(|_| ExitCode::SUCCESS),
-        Command::Plan(a) => plan::run(a).map(|_| ExitCode::SUCCESS),
+        Command::Plan(a) => plan::run(a, &opts).map(|_| ExitCode::SUCCESS),
         Command::Partition(a) => partition::run(a).map(|_| ExitCode::SUCCESS),
         Command::Run(a) => run::run(a, engine::open(&opts)?).map(|_| ExitCode::SUCCESS),
         Command::VerifySplit(a) => verify::run(a, engine::open(&opts)?),

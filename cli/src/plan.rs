@@ -12,7 +12,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use clap::{Args, Parser};
+use clap::Args;
 use classynet_runtime::engine::{self, BackendChoice, EngineOptions};
 use classynet_runtime::model::Model;
 use classynet_runtime::partition::{segments, Segment};
@@ -67,13 +67,9 @@ struct Verdict {
     result: Result<BatchPlan>,
 }
 
-/// Runs `plan` with the engine flags of this command line. The flags are global (`classynet
-/// --backend tract plan ...`) and live on [`crate::Cli`], so they are read from it here.
-pub fn run(a: &PlanArgs) -> Result<()> {
-    run_with(a, &crate::Cli::parse().engine_options())
-}
-
-pub fn run_with(a: &PlanArgs, opts: &EngineOptions) -> Result<()> {
+/// Runs `plan` with the engine flags of this command line (`--backend` picks the baseline that
+/// `--count-baseline` subtracts).
+pub fn run(a: &PlanArgs, opts: &EngineOptions) -> Result<()> {
     if a.measure_baseline {
         return measure_baseline(opts);
     }

@@ -15,7 +15,8 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum BackendChoice {
-    /// ONNX Runtime where its library loads, otherwise tract.
+    /// ONNX Runtime where its library loads, otherwise tract (an explicit --ort-lib that does
+    /// not load is an error, not a fallback).
     #[default]
     Auto,
     /// ONNX Runtime (fastest on x86; CUDA and TensorRT where the library has them).
@@ -136,7 +137,9 @@ fn auto(opts: &EngineOptions) -> Result<(Arc<dyn Engine>, String)> {
         Ok(e) => return Ok((e, "its library loaded (--backend auto)".into())),
         Err(e) => e,
     };
-    if !cfg!(feature = "tract") {
+    // A library named on the command line is a request for ONNX Runtime: falling back would hide
+    // the mistake in the path.
+    if !cfg!(feature = "tract") || (cfg!(feature = "ort") && opts.ort_lib.is_some()) {
         return Err(ort_failed);
     }
     let engine = tract(opts)?;
