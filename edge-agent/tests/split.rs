@@ -97,6 +97,30 @@ async fn split_execution_answers_like_the_local_runner_at_every_partition() {
     cloud.stop().await;
 }
 
+/// A tract edge (the JetPack 4.6 build's engine) with an ONNX Runtime cloud answers what
+/// `classynet run` answers on ONNX Runtime, sample for sample, at shallow and deep cuts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tract_edge_with_an_ort_cloud_answers_like_the_local_runner() {
+    use classynet_runtime::engine::BackendChoice;
+    let path = zoo("resnet110-7exit-cnc.onnx");
+    let model = Model::load(&path).unwrap();
+    let want = local(&model, &Policy::defaults(&model.meta));
+    let mut cc = cloud_config(path.clone(), "127.0.0.1:0", None);
+    cc.backend = BackendChoice::Ort;
+    let cloud = cloud_server::start(cc).await.unwrap();
+    for partition in ["E1", "E2", "E4"] {
+        let mut cfg = edge_config(Some(path.clone()), partition, cloud.addr.to_string());
+        cfg.backend = BackendChoice::Tract;
+        let edge = Edge::load(&cfg).await.unwrap();
+        let out = classify(&edge, "fashion-mnist:test", None, Some(SAMPLES), 32).await.unwrap();
+        assert_eq!(answers(&out), want, "partition {partition}");
+        assert_eq!(out.json["answered"]["degraded"], 0);
+        let edge_answers = out.json["answered"]["edge"].as_u64().unwrap() as usize;
+        assert_eq!(edge_answers, want.iter().filter(|a| a.1 < edge.k).count(), "{partition}: the edge's exits");
+    }
+    cloud.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn int8_and_fp16_wires_send_fewer_bytes() {
     let path = zoo("tiny-3exit-cn.onnx");
