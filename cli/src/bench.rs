@@ -61,10 +61,13 @@ pub fn run(a: &BenchArgs, opts: &EngineOptions) -> Result<()> {
             .collect(),
     };
     let policy = Policy::resolve(&m.meta, &disabled)?;
-    let mut whole = engine.compile(&m.proto)?;
+    // Every contender plans for the batch size timed (tract fixes its shapes for it).
+    let planned = [a.data.batch];
+    let mut whole = engine.compile_for(&m.proto, &planned)?;
     let sample = Some(m.meta.input.shape.clone());
-    let mut merged = SegmentedRunner::new(EngineBackend::new(engine.clone(), &m)?, 0, &policy, sample.clone())?;
-    let mut split = SegmentedRunner::with_merging(EngineBackend::new(engine.clone(), &m)?, 0, &policy, sample, false)?;
+    let backend = || EngineBackend::new(engine.clone(), &m).map(|b| b.with_batches(&planned));
+    let mut merged = SegmentedRunner::new(backend()?, 0, &policy, sample.clone())?;
+    let mut split = SegmentedRunner::with_merging(backend()?, 0, &policy, sample, false)?;
     let time_whole = |w: &mut Box<dyn Graph>| -> Result<f64> {
         let s = Instant::now();
         for b in &batches {
@@ -171,7 +174,7 @@ fn compare_backends(a: &BenchArgs, opts: &EngineOptions) -> Result<()> {
         for (label, g) in &graphs {
             let mut c: Vec<Contender> = [&ort, &tract]
                 .iter()
-                .map(|e| Ok(Contender { graph: e.compile(&g.proto)?, seconds: 0.0 }))
+                .map(|e| Ok(Contender { graph: e.compile_for(&g.proto, &[batch])?, seconds: 0.0 }))
                 .collect::<Result<_>>()?;
             for x in inputs.iter().take(2) {
                 for k in c.iter_mut() {

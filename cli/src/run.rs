@@ -41,8 +41,10 @@ pub fn run(a: &RunArgs, engine: Arc<dyn Engine>) -> Result<()> {
     let (mm, pp) = (m.clone(), policy.clone());
     let sample = m.meta.input.shape.clone();
     let name = format!("classynet-{}", engine.name());
-    let worker =
-        Worker::spawn(&name, 2, move || SegmentedRunner::new(EngineBackend::new(engine, &mm)?, 0, &pp, Some(sample)))?;
+    let batches = [a.data.batch];
+    let worker = Worker::spawn(&name, 2, move || {
+        SegmentedRunner::new(EngineBackend::new(engine, &mm)?.with_batches(&batches), 0, &pp, Some(sample))
+    })?;
     let mut report = RunReport::new(&m, &ds.name, a.data.batch, policy.version);
     let n = ds.len();
     let start = Instant::now();

@@ -92,8 +92,10 @@ impl Cloud {
                 })
             };
             let (p, s, e) = (policy.clone(), shape.clone(), engine.clone());
+            let batches = [1, config.max_batch.max(1)];
             let worker = Worker::spawn(&format!("cloud-E{k}"), 2, move || {
-                SegmentedRunner::new(EngineBackend::new(e, &part)?, k, &p, s)
+                // A lone sample and the batcher's full batch get plans of their own.
+                SegmentedRunner::new(EngineBackend::new(e, &part)?.with_batches(&batches), k, &p, s)
             })?;
             let mut one = None;
             if let Some(s) = &shape {

@@ -86,7 +86,10 @@ impl Edge {
         let (h, p) = (head.clone(), policy.clone());
         let worker = tokio::task::spawn_blocking(move || {
             Worker::spawn("edge-head", 2, move || {
-                SegmentedRunner::new(EngineBackend::new(engine, &h)?, 0, &p, Some(sample))
+                // A lone sample (the latency case) and a full batch (the load case) are the
+                // batch sizes worth a plan of their own.
+                let backend = EngineBackend::new(engine, &h)?.with_batches(&[1, max_batch]);
+                SegmentedRunner::new(backend, 0, &p, Some(sample))
             })
         })
         .await??;

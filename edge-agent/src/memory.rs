@@ -58,6 +58,9 @@ pub(crate) async fn watch(edge: Weak<Edge>, plan: MemoryPlan) {
         };
         metrics::gauge!(telemetry::EDGE_RSS, "side" => "edge").set(now.rss_bytes as f64);
         metrics::gauge!(telemetry::EDGE_PEAK_RSS, "side" => "edge").set(now.peak_bytes as f64);
+        if let Some(anon) = now.anon_bytes {
+            metrics::gauge!(telemetry::EDGE_RSS_ANON, "side" => "edge").set(anon as f64);
+        }
         if first {
             report(now, plan);
             first = false;
@@ -85,13 +88,16 @@ fn report(now: Resident, plan: MemoryPlan) {
         (Some(p), None) => format!("plan {} (weights + activations at batch {})", human(p), plan.batch),
         _ => "no plan for this head".into(),
     };
+    // The code pages are most of a small head's resident set; say how much is the process's own.
+    let anon = now.anon_bytes.map(|a| format!(" ({} anonymous, the rest mapped code)", human(a))).unwrap_or_default();
     tracing::info!(
         rss_bytes = now.rss_bytes,
+        rss_anon_bytes = now.anon_bytes,
         peak_rss_bytes = now.peak_bytes,
         plan_bytes = plan.plan_bytes,
         baseline_bytes = plan.baseline_bytes,
         batch = plan.batch,
-        "memory after warm-up: resident {}, peak {}; {expected}",
+        "memory after warm-up: resident {}{anon}, peak {}; {expected}",
         human(now.rss_bytes),
         human(now.peak_bytes)
     );
@@ -127,6 +133,11 @@ fn describe() {
     );
     metrics::describe_gauge!(telemetry::EDGE_RSS, metrics::Unit::Bytes, "Resident memory of the edge now (VmRSS).");
     metrics::describe_gauge!(
+        telemetry::EDGE_RSS_ANON,
+        metrics::Unit::Bytes,
+        "Anonymous part of the edge's resident memory now (RssAnon: heap and stacks, without mapped code)."
+    );
+    metrics::describe_gauge!(
         telemetry::EDGE_PEAK_RSS,
         metrics::Unit::Bytes,
         "Highest resident memory of the edge since it started (VmHWM)."
@@ -141,7 +152,7 @@ mod tests {
     fn the_warning_comes_only_past_plan_baseline_and_margin() {
         let plan = MemoryPlan { batch: 16, plan_bytes: Some(1 << 20), baseline_bytes: Some(40 << 20) };
         let expected = 41u64 << 20;
-        let at = |peak: u64| Resident { rss_bytes: peak, peak_bytes: peak };
+        let at = |peak: u64| Resident { rss_bytes: peak, peak_bytes: peak, anon_bytes: None };
         assert!(over(at(expected + margin(expected)), plan).is_none());
         let msg = over(at(expected + margin(expected) + 1), plan).expect("past the margin");
         assert!(msg.contains("above plan 1.05 MB + baseline 41.94 MB"), "{msg}");

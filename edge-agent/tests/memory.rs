@@ -89,6 +89,9 @@ async fn the_edge_exports_its_memory_against_the_plan() {
     let peak = get("classynet_edge_peak_rss_bytes");
     let baseline = get("classynet_edge_memory_baseline_bytes");
     assert!(rss > 0.0 && peak >= rss, "rss {rss}, peak {peak}");
+    // Sampled a moment apart from VmRSS, so bounded by the peak rather than the sample.
+    let anon = get("classynet_edge_rss_anon_bytes");
+    assert!(anon > 0.0 && anon <= peak, "anonymous {anon}, peak {peak}");
     assert!(baseline > 0.0 && peak >= baseline, "baseline {baseline}, peak {peak}");
     assert!(text.contains("# HELP classynet_edge_peak_rss_bytes"), "the gauges are described");
     // The batcher runs the chosen batch: no batch above it.

@@ -102,7 +102,14 @@ pub trait Engine: Send + Sync {
     fn name(&self) -> &'static str;
 
     /// Compiles a graph with one float32 input whose first dimension is the batch.
-    fn compile(&self, proto: &onnx::ModelProto) -> Result<Box<dyn Graph>>;
+    fn compile(&self, proto: &onnx::ModelProto) -> Result<Box<dyn Graph>> {
+        self.compile_for(proto, &[])
+    }
+
+    /// [`Engine::compile`], told the batch sizes the caller will run most (the batcher's full
+    /// batch, and 1 for a lone sample): an engine that plans for fixed shapes (tract) builds a
+    /// plan for each of them as well as one for any size. Every batch size still runs.
+    fn compile_for(&self, proto: &onnx::ModelProto, batches: &[usize]) -> Result<Box<dyn Graph>>;
 }
 
 /// A [`Backend`] over any [`Engine`]: one compiled graph per group of segments the runner asks
@@ -113,13 +120,20 @@ pub struct EngineBackend {
     model: Model,
     segments: Vec<Segment>,
     graphs: HashMap<Range<usize>, Box<dyn Graph>>,
+    batches: Vec<usize>,
 }
 
 impl EngineBackend {
     /// Cuts `model` into its segments; graphs are compiled by [`Backend::prepare`].
     pub fn new(engine: Arc<dyn Engine>, model: &Model) -> Result<EngineBackend> {
         let segments = segments(model)?;
-        Ok(EngineBackend { engine, model: model.clone(), segments, graphs: HashMap::new() })
+        Ok(EngineBackend { engine, model: model.clone(), segments, graphs: HashMap::new(), batches: Vec::new() })
+    }
+
+    /// The batch sizes to plan every group for (see [`Engine::compile_for`]).
+    pub fn with_batches(mut self, batches: &[usize]) -> EngineBackend {
+        self.batches = batches.to_vec();
+        self
     }
 
     /// The engine's name.
@@ -142,7 +156,7 @@ impl Backend for EngineBackend {
                     let segs = &self.segments[g.clone()];
                     let name =
                         format!("{}-E{}..E{}", self.model.name(), segs[0].exit + 1, segs[segs.len() - 1].exit + 1);
-                    self.engine.compile(&extract(&self.model, segs, Logits::Last, None, &name))?
+                    self.engine.compile_for(&extract(&self.model, segs, Logits::Last, None, &name), &self.batches)?
                 }
             };
             next.insert(g.clone(), graph);

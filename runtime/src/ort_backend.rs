@@ -320,7 +320,8 @@ impl Engine for OrtEngine {
         "ort"
     }
 
-    fn compile(&self, proto: &onnx::ModelProto) -> Result<Box<dyn Graph>> {
+    /// ONNX Runtime plans for the symbolic batch itself; the batch sizes are not needed.
+    fn compile_for(&self, proto: &onnx::ModelProto, _batches: &[usize]) -> Result<Box<dyn Graph>> {
         Ok(Box::new(OrtGraph::new(proto, self.opts)?))
     }
 }

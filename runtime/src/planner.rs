@@ -256,6 +256,10 @@ pub struct Resident {
     pub rss_bytes: u64,
     /// Highest resident set since the process started (`VmHWM`).
     pub peak_bytes: u64,
+    /// The anonymous part of the resident set now (`RssAnon`: heap, stacks; what the process
+    /// allocated itself). The rest is file-backed: the pages of the binary's and the engine
+    /// library's code that the kernel mapped, clean and shared. `None` before Linux 4.5.
+    pub anon_bytes: Option<u64>,
 }
 
 /// This process's resident memory; `None` where `/proc` is not Linux's.
@@ -270,7 +274,7 @@ pub fn parse_status(text: &str) -> Option<Resident> {
         let kib: u64 = line.trim_start_matches(':').trim().trim_end_matches("kB").trim().parse().ok()?;
         Some(kib * 1024)
     };
-    Some(Resident { rss_bytes: field("VmRSS")?, peak_bytes: field("VmHWM")? })
+    Some(Resident { rss_bytes: field("VmRSS")?, peak_bytes: field("VmHWM")?, anon_bytes: field("RssAnon") })
 }
 
 /// Parses `470kB`, `2.31 MB`, `28.5MiB`, `1024` (bytes). kB/MB/GB are powers of 10; KiB/MiB/GiB
@@ -479,11 +483,15 @@ mod tests {
     #[test]
     fn resident_memory_is_read_from_proc_status() {
         let text = "Name:\tx\nVmHWM:\t  2048 kB\nVmRSS:\t  1024 kB\n";
-        assert_eq!(parse_status(text), Some(Resident { rss_bytes: 1024 * 1024, peak_bytes: 2048 * 1024 }));
+        let r = Resident { rss_bytes: 1024 * 1024, peak_bytes: 2048 * 1024, anon_bytes: None };
+        assert_eq!(parse_status(text), Some(r));
+        let text = "VmHWM:\t  2048 kB\nVmRSS:\t  1024 kB\nRssAnon:\t   256 kB\nRssFile:\t   768 kB\n";
+        assert_eq!(parse_status(text), Some(Resident { anon_bytes: Some(256 * 1024), ..r }));
         assert_eq!(parse_status("Name:\tx\n"), None);
         if cfg!(target_os = "linux") {
             let r = resident().expect("Linux has /proc/self/status");
             assert!(r.rss_bytes > 0 && r.peak_bytes >= r.rss_bytes, "{r:?}");
+            assert!(r.anon_bytes.is_some_and(|a| a > 0 && a <= r.rss_bytes), "{r:?}");
         }
     }
 

@@ -45,6 +45,9 @@ pub const EDGE_MEMORY_PLAN: &str = "classynet_edge_memory_plan_bytes";
 pub const EDGE_MEMORY_BASELINE: &str = "classynet_edge_memory_baseline_bytes";
 /// The edge's resident set now (`VmRSS`), sampled every few seconds.
 pub const EDGE_RSS: &str = "classynet_edge_rss_bytes";
+/// The anonymous part of the edge's resident set now (`RssAnon`: heap and stacks; the rest
+/// of `VmRSS` is the mapped code of the binary and the engine library).
+pub const EDGE_RSS_ANON: &str = "classynet_edge_rss_anon_bytes";
 /// The edge's highest resident set since it started (`VmHWM`): what a cgroup's `MemoryMax`
 /// must stay above.
 pub const EDGE_PEAK_RSS: &str = "classynet_edge_peak_rss_bytes";

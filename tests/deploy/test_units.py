@@ -134,6 +134,38 @@ def test_install_is_idempotent_and_keeps_the_administrators_files(prefix):
     assert bad.returncode != 0 and "--edge-memory-budget" in bad.stderr
 
 
+def test_a_tract_only_edge_installs_without_onnx_runtime():
+    # The JetPack 4.6 path (docs/jetson.md): nothing of ONNX Runtime is installed or referenced.
+    # Not tmp_path, which pytest keeps: the prefix holds a copy of the binary.
+    p = Path(tempfile.mkdtemp(prefix="classynet-tract-prefix-"))
+    try:
+        check_tract_only_install(p)
+    finally:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def check_tract_only_install(p: Path) -> None:
+    r = run([str(ROOT / "scripts" / "install"), "--prefix", str(p), "--bin-dir", str(BIN), "--only", "edge-agent",
+             "--tract-only", "--edge-memory-budget", "470kB"], timeout=300, cwd=ROOT)
+    assert r.returncode == 0, f"scripts/install failed:\n{r.stdout}\n{r.stderr}"
+    assert (p / "usr/local/bin/edge-agent").is_file()
+    assert not (p / "usr/local/bin/cloud-server").exists()
+    assert not list(p.rglob("libonnxruntime*")), "no ONNX Runtime library in a tract-only install"
+    env = parse_env_file(p / "etc/classynet/edge-agent.env")
+    assert env.get("EDGE_AGENT_BACKEND") == "tract", env
+    assert "EDGE_AGENT_ORT_LIB" not in env, env
+    # MemoryMax takes tract's baseline.
+    script = (ROOT / "scripts/install").read_text()
+    tract = int(re.search(r"^EDGE_BASELINE_MIB_TRACT=(\d+)$", script, re.M).group(1))
+    memory = (p / "etc/systemd/system/edge-agent.service.d/memory.conf").read_text()
+    assert f"MemoryMax={-(-470_000 // 2**20) + tract}M" in memory, memory
+    # The debug binaries have both engines: the script says what that means.
+    assert "ONNX Runtime support built in" in r.stdout, r.stdout
+    bad = run([str(ROOT / "scripts" / "install"), "--prefix", str(p), "--bin-dir", str(BIN), "--tract-only",
+               "--ort-lib", "/nowhere/libonnxruntime.so"], timeout=60, cwd=ROOT)
+    assert bad.returncode != 0 and "--tract-only installs no ONNX Runtime library" in bad.stderr, bad.stderr
+
+
 def test_dev_certs_verify_and_are_kept(prefix):
     tls = prefix / "etc" / "classynet" / "tls"
     r = run(["openssl", "verify", "-CAfile", str(tls / "ca.pem"), str(tls / "cloud.pem"), str(tls / "edge.pem")], timeout=30)
