@@ -2,6 +2,7 @@
 
 use classynet_runtime::model::fmt_dims;
 use classynet_runtime::partition::segments;
+use classynet_runtime::planner::segment_macs;
 use classynet_runtime::Result;
 use serde_json::json;
 
@@ -10,15 +11,20 @@ use crate::args::{print_json, ModelArgs};
 pub fn run(a: &ModelArgs) -> Result<()> {
     let m = a.load()?;
     let segs = segments(&m)?;
+    // MACs per sample up to each exit (None where the graph lacks the shapes to count them).
+    let macs: Option<Vec<u64>> = segment_macs(&m, &segs)
+        .ok()
+        .map(|per| per.iter().scan(0, |sum, &x| Some(std::mem::replace(sum, *sum + x) + x)).collect());
     if a.json {
         print_json(&json!({
             "name": m.name(),
             "fingerprint": m.fingerprint,
             "input": m.input_name,
             "metadata": serde_json::to_value(&m.meta).expect("metadata serialises"),
-            "segments": segs.iter().map(|s| json!({
+            "segments": segs.iter().enumerate().map(|(i, s)| json!({
                 "exit": m.meta.exits[s.exit].name, "input": s.input, "logits": s.logits, "cut": s.cut,
                 "nodes": s.nodes.len(), "initializers": s.initializers.len(),
+                "macs_to_here": macs.as_ref().map(|c| c[i]),
             })).collect::<Vec<_>>(),
         }));
         return Ok(());
@@ -34,8 +40,11 @@ pub fn run(a: &ModelArgs) -> Result<()> {
         m.meta.num_classes(),
         m.meta.classes.join(", ")
     );
-    println!("{:<5} {:<5} {:>9} {:<14} {:<18} {:>6}  classes", "exit", "kind", "threshold", "logits", "cut", "nodes");
-    for s in &segs {
+    println!(
+        "{:<5} {:<5} {:>9} {:<14} {:<18} {:>6} {:>12}  classes",
+        "exit", "kind", "threshold", "logits", "cut", "nodes", "MACs to here"
+    );
+    for (i, s) in segs.iter().enumerate() {
         let e = &m.meta.exits[s.exit];
         let cut = match &s.cut {
             Some(c) => format!("{c} {}", fmt_dims(&m.tensor_shape(c).unwrap_or_default())),
@@ -43,13 +52,14 @@ pub fn run(a: &ModelArgs) -> Result<()> {
         };
         let classes: Vec<String> = e.classes.iter().map(|&c| m.meta.class_label(c)).collect();
         println!(
-            "{:<5} {:<5} {:>9} {:<14} {:<18} {:>6}  {}",
+            "{:<5} {:<5} {:>9} {:<14} {:<18} {:>6} {:>12}  {}",
             e.name,
             if e.bag { "bag" } else { "plain" },
             e.threshold.map_or("-".into(), |t| format!("{t}")),
             e.logits,
             cut,
             s.nodes.len(),
+            macs.as_ref().map_or("-".into(), |c| format!("{:.2} M", c[i] as f64 / 1e6)),
             if e.classes.len() == m.meta.num_classes() { "all".into() } else { classes.join(", ") }
         );
     }

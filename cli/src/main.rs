@@ -1,9 +1,10 @@
-//! `classynet`: inspect, plan, partition, run, verify-split and bench a ClassyNet (or plain
+//! `classynet`: inspect, plan, partition, run, calibrate, verify-split and bench a ClassyNet (or plain
 //! early-exit) ONNX model on one machine. One module per verb; what several verbs share (which
 //! model, which data, which policy) is in [`args`].
 
 mod args;
 mod bench;
+mod calibrate;
 mod inspect;
 mod partition;
 mod plan;
@@ -61,6 +62,9 @@ pub enum Command {
     Partition(partition::PartitionArgs),
     /// Run a model on a dataset with early exits and report per-exit, per-class counts.
     Run(run::RunArgs),
+    /// Choose exit thresholds on data (a precision or an accuracy-drop target) and write them
+    /// as a policy file that `run` and `cloud-server` load.
+    Calibrate(calibrate::CalibrateArgs),
     /// Check that head + tail of every partition compute what the full model computes.
     VerifySplit(verify::VerifyArgs),
     /// Compare one whole-graph session with the segmented runner (early exits disabled), and
@@ -111,6 +115,7 @@ fn dispatch(cli: &Cli) -> Result<ExitCode> {
         Command::Plan(a) => plan::run(a, &opts).map(|_| ExitCode::SUCCESS),
         Command::Partition(a) => partition::run(a).map(|_| ExitCode::SUCCESS),
         Command::Run(a) => run::run(a, engine::open(&opts)?).map(|_| ExitCode::SUCCESS),
+        Command::Calibrate(a) => calibrate::run(a, engine::open(&opts)?).map(|_| ExitCode::SUCCESS),
         Command::VerifySplit(a) => verify::run(a, engine::open(&opts)?),
         Command::Bench(a) => bench::run(a, &opts).map(|_| ExitCode::SUCCESS),
     }

@@ -64,6 +64,10 @@ fn partition_writes_files_that_load_and_match_the_full_model() {
     let info: Value = serde_json::from_str(&ok(&["inspect", "--model", &head, "--json"])).unwrap();
     assert_eq!(info["metadata"]["partition"]["role"], "head");
     assert_eq!(info["segments"].as_array().unwrap().len(), 2);
+    // MACs per sample up to each exit, as counted by hand in the planner's test.
+    let macs: Vec<u64> =
+        info["segments"].as_array().unwrap().iter().map(|s| s["macs_to_here"].as_u64().unwrap()).collect();
+    assert_eq!(macs, vec![292, 876]);
     let info: Value = serde_json::from_str(&ok(&["inspect", "--model", &tail, "--json"])).unwrap();
     assert_eq!(info["input"], "cut2");
 
@@ -239,4 +243,91 @@ fn run_takes_the_deploy_policy_in_toml() {
         .unwrap();
     assert_eq!(v["policy_version"], version, "{v}");
     assert_eq!(v["samples"], 200);
+}
+
+#[test]
+fn calibrate_writes_a_policy_that_run_serves_with_the_predicted_exit_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let counts = |v: &Value| -> Vec<u64> {
+        v["exits"].as_array().unwrap().iter().map(|e| e["count"].as_u64().unwrap()).collect()
+    };
+    for (target, file) in [("precision=0.5", "p.toml"), ("accuracy-drop=5", "a.json")] {
+        let out = dir.path().join(file).display().to_string();
+        let cal: Value = serde_json::from_str(&ok(&[
+            "calibrate",
+            "--model",
+            &data("tiny3.onnx"),
+            "--dataset",
+            &tiny_dataset(),
+            "--target",
+            target,
+            "--min-support",
+            "1",
+            "--policy-version",
+            "4",
+            "--out",
+            &out,
+            "--json",
+        ]))
+        .unwrap();
+        assert_eq!(cal["samples"], 5);
+        let predicted = counts(&cal);
+        assert!(predicted[0] + predicted[1] > 0, "{target}: some samples leave early: {cal}");
+        let run: Value = serde_json::from_str(&ok(&[
+            "run",
+            "--model",
+            &data("tiny3.onnx"),
+            "--dataset",
+            &tiny_dataset(),
+            "--policy",
+            &out,
+            "--json",
+        ]))
+        .unwrap();
+        assert_eq!(counts(&run), predicted, "{target}: run serves what calibrate predicted");
+        assert_eq!(run["accuracy"], cal["accuracy"]);
+        assert_eq!(run["policy_version"], 4, "{run}");
+    }
+    // --samples takes the trainer's validation.json; an index past the data is refused.
+    let samples = dir.path().join("validation.json");
+    std::fs::write(&samples, r#"{"indices": [0, 2, 4]}"#).unwrap();
+    let cal: Value = serde_json::from_str(&ok(&[
+        "calibrate",
+        "--model",
+        &data("tiny3.onnx"),
+        "--dataset",
+        &tiny_dataset(),
+        "--samples",
+        samples.to_str().unwrap(),
+        "--min-support",
+        "1",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(cal["samples"], 3);
+    std::fs::write(&samples, "[0, 9]").unwrap();
+    let e = fails(&[
+        "calibrate",
+        "--model",
+        &data("tiny3.onnx"),
+        "--dataset",
+        &tiny_dataset(),
+        "--samples",
+        samples.to_str().unwrap(),
+    ]);
+    assert!(e.contains("9 is not a sample index of the dataset (0..4)"), "{e}");
+    let e =
+        fails(&["calibrate", "--model", &data("tiny3.onnx"), "--dataset", &tiny_dataset(), "--target", "recall=0.9"]);
+    assert!(e.contains("expected precision=P"), "{e}");
+    let e = fails(&[
+        "calibrate",
+        "--model",
+        &data("tiny3.onnx"),
+        "--dataset",
+        &tiny_dataset(),
+        "--target",
+        "accuracy-drop=1",
+        "--classes-only",
+    ]);
+    assert!(e.contains("--classes-only goes with a precision target"), "{e}");
 }

@@ -33,26 +33,27 @@ fn every_zoo_model_splits_exactly_and_matches_its_card() {
         let m = model.to_str().unwrap();
         let card: Value =
             serde_json::from_str(&std::fs::read_to_string(model.with_extension("card.json")).unwrap()).unwrap();
-        // Both engines: each must split exactly and reproduce the card.
+        // Both engines split exactly. The card's figures are reproduced through ONNX Runtime
+        // here; tract gives ONNX Runtime's answers sample for sample on the whole test set
+        // (runtime/tests/tract_parity.rs), so running it here too would only double the time.
         for backend in ["ort", "tract"] {
             let v = classynet(&["--backend", backend, "verify-split", "--model", m, "--limit", "64", "--json"]);
             assert_eq!(v["ok"], true, "{m} on {backend}: {v}");
-
-            let run = classynet(&["--backend", backend, "run", "--model", m, "--batch", "64", "--json"]);
-            assert_eq!(run["samples"], 10000);
-            let want = card["early_exit_accuracy"].as_f64().unwrap();
-            let got = run["accuracy"].as_f64().unwrap();
-            // Same rule, float32 here and float64 in Python: a sample sitting on a threshold may
-            // go either way, nothing more.
-            assert!((got - want).abs() <= 0.001, "{m} on {backend}: runtime accuracy {got}, card {want}");
-            let counts: Vec<i64> =
-                run["exits"].as_array().unwrap().iter().map(|e| e["count"].as_i64().unwrap()).collect();
-            let card_counts: Vec<i64> =
-                card["exit_counts"].as_array().unwrap().iter().map(|c| c.as_i64().unwrap()).collect();
-            assert_eq!(counts.len(), card_counts.len());
-            for (a, b) in counts.iter().zip(&card_counts) {
-                assert!((a - b).abs() <= 10, "{m} on {backend}: exit counts {counts:?} vs card {card_counts:?}");
-            }
+        }
+        let backend = "ort";
+        let run = classynet(&["--backend", backend, "run", "--model", m, "--batch", "64", "--json"]);
+        assert_eq!(run["samples"], 10000);
+        let want = card["early_exit_accuracy"].as_f64().unwrap();
+        let got = run["accuracy"].as_f64().unwrap();
+        // Same rule, float32 here and float64 in Python: a sample sitting on a threshold may
+        // go either way, nothing more.
+        assert!((got - want).abs() <= 0.001, "{m} on {backend}: runtime accuracy {got}, card {want}");
+        let counts: Vec<i64> = run["exits"].as_array().unwrap().iter().map(|e| e["count"].as_i64().unwrap()).collect();
+        let card_counts: Vec<i64> =
+            card["exit_counts"].as_array().unwrap().iter().map(|c| c.as_i64().unwrap()).collect();
+        assert_eq!(counts.len(), card_counts.len());
+        for (a, b) in counts.iter().zip(&card_counts) {
+            assert!((a - b).abs() <= 10, "{m} on {backend}: exit counts {counts:?} vs card {card_counts:?}");
         }
     }
 }

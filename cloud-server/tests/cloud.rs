@@ -282,3 +282,51 @@ impl tonic::codec::Decoder for RawCodec {
         Ok(Some(b.freeze()))
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_calibrated_policy_serves_the_exit_counts_calibration_predicted() {
+    use classynet_runtime::calibrate::{calibrate, Options, Scores, Target};
+
+    // Calibrate tiny3 on 400 samples: labels are E2's answers, every 7th changed, so that the
+    // early exits are right on most samples and wrong on some.
+    classynet_runtime::ort_backend::init_ort(None, 1).unwrap();
+    let model = Model::load(&fixture("tiny3.onnx")).unwrap();
+    let x = inputs(400, 21);
+    let outs = OrtGraph::new(&model.proto, SessionOptions::default()).unwrap().run(&x).unwrap();
+    let e2: Vec<u32> = outs[1]
+        .data
+        .chunks(4)
+        .map(|r| (0..4u32).max_by(|&a, &b| r[a as usize].total_cmp(&r[b as usize])).unwrap())
+        .collect();
+    let labels: Vec<u32> = e2.iter().enumerate().map(|(i, &c)| if i % 7 == 0 { (c + 1) % 4 } else { c }).collect();
+    let base = Policy::defaults(&model.meta);
+    let mut scores = Scores::default();
+    let blocks: Vec<&[f32]> = outs.iter().map(|t| t.data.as_slice()).collect();
+    scores.push(&base, &blocks, &labels).unwrap();
+    let opts = Options { target: Target::Precision(0.8), min_support: 5, ..Options::default() };
+    let cal = calibrate(&model.meta, &base, &scores, None, &opts).unwrap();
+    let predicted: Vec<usize> = cal.exits.iter().map(|e| e.exited).collect();
+    assert!(predicted[0] + predicted[1] > 0, "the calibration lets some samples leave early: {predicted:?}");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("calibrated.toml");
+    std::fs::write(&path, cal.policy_file(&model.meta, 2).to_toml().unwrap()).unwrap();
+
+    let mut args: Vec<String> =
+        ["cloud-server", "--model", fixture("tiny3.onnx").to_str().unwrap(), "--listen", "127.0.0.1:0"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    args.extend(["--threads".into(), "1".into(), "--policy".into(), path.display().to_string()]);
+    let handle = cloud_server::start(cloud_server::Config::parse_from(args)).await.unwrap();
+    let mut client = GrpcInferenceServiceClient::connect(format!("http://{}", handle.addr)).await.unwrap();
+    let mut served = vec![0usize; 3];
+    for first in (0..400).step_by(50) {
+        let batch = Tensor::new(vec![50, 1, 4, 4], x.data[first * 16..(first + 50) * 16].to_vec()).unwrap();
+        let resp = client.model_infer(request("tiny3", &batch, &[])).await.unwrap().into_inner();
+        for a in codec::read_answers(&resp).unwrap() {
+            served[a.1 as usize] += 1;
+        }
+    }
+    assert_eq!(served, predicted, "the cloud serving the calibrated policy leaves where calibration said");
+    handle.stop().await;
+}

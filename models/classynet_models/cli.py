@@ -31,7 +31,7 @@ def config_from(args: argparse.Namespace):
         thresholds=args.thresholds if args.thresholds is not None else d["thresholds"],
         costs=args.costs, masking=args.masking, dataset=args.dataset, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, schedule=args.schedule, augment=args.augment,
-        seed=args.seed, precision=args.precision,
+        seed=args.seed, precision=args.precision, val_size=args.val_size,
     )
 
 
@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
     t.add_argument("--augment", action="store_true", help="random crops (and flips where label-preserving)")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--val-size", default="auto",
+                   help="training samples held out for validation and calibration, chosen by --seed: auto "
+                        "(5000 for Fashion-MNIST, 10%% elsewhere), a count, a fraction (0.1), or 0")
     t.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="auto: bfloat16 autocast where the CPU supports it (weights stay fp32)")
     t.add_argument("--threads", type=int, help="torch threads (default: all cores)")

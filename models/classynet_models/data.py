@@ -5,7 +5,13 @@
 * ``cifar10``: the "python version" pickle batches (data_batch_1..5, test_batch).
 * ``svhn``: the cropped-digits ``train_32x32.mat`` / ``test_32x32.mat`` (X is H x W x C x N,
   y holds 1..10 with 10 standing for digit 0, which becomes label 0).
-* ``npz:PATH``: arrays ``x`` (N x C x H x W or N x H x W, uint8) and ``y``.
+* ``npz:PATH``: arrays ``x`` (N x C x H x W or N x H x W, uint8) and ``y``; the first 20 % are
+  the test split. ``npz:TRAIN,TEST`` takes the two splits from two files.
+
+Validation (``--val-size``): part of the training split is held out, chosen by the run's seed,
+never trained on, and used to pick thresholds (calibration) and to follow training. Default
+5,000 samples for Fashion-MNIST (as in the early-exit literature's 55k/5k split), 10 % for
+other datasets; ``0`` trains on everything.
 
 Augmentation (``--augment``, training only): random crop with 2-pixel zero padding and, for
 datasets where it is meaningful, a horizontal flip. Off by default.
@@ -43,6 +49,53 @@ class Dataset:
     mean: list[float]
     std: list[float]
     flip: bool  # whether horizontal flips are label-preserving
+    val: Split | None = None  # held out of `train` by `with_validation`
+    val_indices: np.ndarray | None = None  # their indices in the full training split
+
+
+# Samples held out for validation when --val-size is "auto": a count per dataset, else a fraction.
+DEFAULT_VAL_COUNT = {"fashion-mnist": 5000}
+DEFAULT_VAL_FRACTION = 0.1
+
+
+def validation_size(spec: str, dataset: str, n_train: int) -> int:
+    """The number of validation samples ``--val-size`` asks for: ``auto``, a count (``5000``) or a
+    fraction of the training split (``0.1``)."""
+    spec = str(spec).strip()
+    if spec == "auto":
+        count = DEFAULT_VAL_COUNT.get(dataset)
+        # A small training split (a test fixture, a trimmed copy) gets the fraction instead.
+        if count is None or n_train < 10 * count:
+            count = round(n_train * DEFAULT_VAL_FRACTION)
+        return min(count, n_train - 1) if n_train > 1 else 0
+    bad = ConfigError(f"--val-size {spec!r}: expected auto, a sample count (5000) or a fraction (0.1)")
+    try:
+        if "." in spec:
+            fraction = float(spec)
+            if not 0 <= fraction < 1:
+                raise bad
+            n = round(n_train * fraction)
+        else:
+            n = int(spec)
+    except ValueError:
+        raise bad from None
+    if n < 0:
+        raise bad
+    if n >= n_train:
+        raise ConfigError(f"--val-size {spec}: {n} validation samples leave none of the {n_train} to train on")
+    return n
+
+
+def with_validation(ds: Dataset, n_val: int, seed: int) -> Dataset:
+    """``ds`` with ``n_val`` training samples, chosen by ``seed``, moved to ``ds.val``."""
+    if n_val <= 0:
+        return ds
+    n = len(ds.train.y)
+    idx = np.sort(np.random.default_rng(seed).permutation(n)[:n_val])
+    keep = np.ones(n, bool)
+    keep[idx] = False
+    return Dataset(ds.name, ds.classes, Split(ds.train.x[keep], ds.train.y[keep]), ds.test, ds.mean, ds.std, ds.flip,
+                   val=Split(ds.train.x[idx], ds.train.y[idx]), val_indices=idx)
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -124,20 +177,34 @@ def svhn(data_dir: Path | None) -> Dataset:
                    mean, std, flip=False)
 
 
-def npz(path: Path, test_fraction: float = 0.2) -> Dataset:
-    with np.load(path) as d:
-        if "x" not in d or "y" not in d:
-            raise ConfigError(f"{path}: expected arrays x and y, found {sorted(d.files)}")
-        x, y = np.asarray(d["x"]), np.asarray(d["y"]).reshape(-1).astype(np.int64)
+def _npz_split(path: Path) -> Split:
+    try:
+        with np.load(path) as d:
+            if "x" not in d or "y" not in d:
+                raise ConfigError(f"{path}: expected arrays x and y, found {sorted(d.files)}")
+            x, y = np.asarray(d["x"]), np.asarray(d["y"]).reshape(-1).astype(np.int64)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: not a readable .npz archive ({e})") from None
     if x.ndim == 3:
         x = x[:, None]
     if x.ndim != 4 or len(x) != len(y):
         raise ConfigError(f"{path}: x must be N x C x H x W or N x H x W with N = len(y), found {x.shape}, {len(y)}")
     if x.dtype != np.uint8:
         x = np.clip(np.round(x.astype(np.float64) * (255.0 if x.max() <= 1.0 else 1.0)), 0, 255).astype(np.uint8)
-    n_test = max(1, int(len(x) * test_fraction))
-    train, test = Split(x[n_test:], y[n_test:]), Split(x[:n_test], y[:n_test])
-    k = int(y.max()) + 1
+    return Split(x, y)
+
+
+def npz(path: Path, test_fraction: float = 0.2, test_path: Path | None = None) -> Dataset:
+    """One archive split into test (the first ``test_fraction``) and train, or two archives."""
+    whole = _npz_split(path)
+    if test_path is not None:
+        train, test = whole, _npz_split(test_path)
+        if train.x.shape[1:] != test.x.shape[1:]:
+            raise ConfigError(f"{path} holds {train.x.shape[1:]} samples but {test_path} holds {test.x.shape[1:]}")
+    else:
+        n_test = max(1, int(len(whole.x) * test_fraction))
+        train, test = Split(whole.x[n_test:], whole.y[n_test:]), Split(whole.x[:n_test], whole.y[:n_test])
+    k = int(max(train.y.max(), test.y.max())) + 1
     mean, std = _stats(train.x)
     return Dataset(f"npz:{path.name}", [str(i) for i in range(k)], train, test, mean, std, flip=False)
 
@@ -150,8 +217,9 @@ def load(name: str, data_dir: Path | None = None) -> Dataset:
     if name == "svhn":
         return svhn(data_dir)
     if name.startswith("npz:"):
-        return npz(Path(name[4:]))
-    raise ConfigError(f"unknown dataset {name!r} (expected fashion-mnist, cifar10, svhn or npz:PATH)")
+        train, _, test = name[4:].partition(",")
+        return npz(Path(train), test_path=Path(test) if test else None)
+    raise ConfigError(f"unknown dataset {name!r} (expected fashion-mnist, cifar10, svhn, npz:PATH or npz:TRAIN,TEST)")
 
 
 def normalise(x: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:

@@ -109,12 +109,12 @@ def export_model(model: torch.nn.Module, meta: dict, x_u8: np.ndarray, out: Path
 
 
 def export_run(run: Path, out: Path, name: str | None = None, data_dir: Path | None = None) -> dict:
-    from .train import _restore, TrainConfig
+    from .train import _restore, config_of
 
     if not (run / "checkpoint.pt").exists():
         raise ConfigError(f"{run} holds no checkpoint.pt; train it first with classynet-train train --out {run}")
     ck = torch.load(run / "checkpoint.pt", weights_only=False)
-    cfg = TrainConfig(**ck["config"])
+    cfg = config_of(ck)
     if ck["epoch"] < cfg.epochs:
         raise ConfigError(f"{run} has trained {ck['epoch']} of {cfg.epochs} epochs; finish it first "
                           "(rerun the same train command to resume)")

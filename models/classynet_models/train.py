@@ -48,6 +48,9 @@ class TrainConfig:
     augment: bool = False
     seed: int = 0
     precision: str = "auto"  # bf16 autocast where the CPU supports it, else fp32
+    # Held out of the training split (see data.validation_size): auto, a count or a fraction.
+    # Runs from before the split read as "0" (they trained on everything; see `load_trained`).
+    val_size: str = "auto"
 
     def exit_config(self) -> str:
         return "base" if self.mode == "base" else self.exits
@@ -116,8 +119,9 @@ def train(cfg: TrainConfig, out: Path, data_dir: Path | None = None, progress: b
     runs can be split across sessions.
     """
     out.mkdir(parents=True, exist_ok=True)
-    ds = datasets.load(cfg.dataset, data_dir)
+    ds = load_split(cfg, data_dir)
     classes = cfg.validate(len(ds.classes))
+    record_validation(ds, cfg, out)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     model = build_model(cfg, classes, ds.train.x.shape[1])
@@ -190,15 +194,19 @@ def train(cfg: TrainConfig, out: Path, data_dir: Path | None = None, progress: b
                 print(f"stopping after {max_minutes} min as asked; run the same command to resume")
                 return {"finished": False}
         bar.close()
-        logits = exit_logits(model, ds.test.x, ds.mean, ds.std, progress=progress)
-        metrics = summarise(logits, ds.test.y, answerable(cfg.mode, classes), uses_bags(cfg.mode),
+        # Followed on the validation split where there is one: the test split stays unseen until
+        # the export.
+        watch = ds.val if ds.val is not None else ds.test
+        logits = exit_logits(model, watch.x, ds.mean, ds.std, progress=progress)
+        metrics = summarise(logits, watch.y, answerable(cfg.mode, classes), uses_bags(cfg.mode),
                             list(cfg.thresholds), ds.classes)
         epoch += 1
         step_in_epoch = 0
-        history.append({"epoch": epoch, "final_exit_accuracy": metrics["final_exit_accuracy"],
+        history.append({"epoch": epoch, "evaluated_on": "validation" if ds.val is not None else "test",
+                        "final_exit_accuracy": metrics["final_exit_accuracy"],
                         "early_exit_accuracy": metrics["early_exit_accuracy"],
                         "exit_counts": metrics["exit_counts"], "minutes": (elapsed + time.monotonic() - started) / 60})
-        print(f"{cfg.mode} epoch {epoch}: final exit {100 * metrics['final_exit_accuracy']:.2f}%, "
+        print(f"{cfg.mode} epoch {epoch} ({history[-1]['evaluated_on']}): final exit {100 * metrics['final_exit_accuracy']:.2f}%, "
               f"with early exits {100 * metrics['early_exit_accuracy']:.2f}%, exits {metrics['exit_counts']}")
         with open(out / "log.jsonl", "a") as f:
             f.write(json.dumps(history[-1]) + "\n")
@@ -216,12 +224,34 @@ def load_trained(out: Path) -> tuple[TrainConfig, torch.nn.Module, ExitClasses, 
     if not (out / "checkpoint.pt").exists():
         raise ConfigError(f"{out} holds no checkpoint.pt; train it first with classynet-train train --out {out}")
     ck = torch.load(out / "checkpoint.pt", weights_only=False)
-    cfg = TrainConfig(**ck["config"])
+    cfg = config_of(ck)
     return cfg, *_restore(cfg, ck)
 
 
-def _restore(cfg: TrainConfig, ck: dict, data_dir: Path | None = None):
+def config_of(ck: dict) -> TrainConfig:
+    """The configuration a checkpoint was trained with; runs from before the validation split
+    trained on the whole training split."""
+    return TrainConfig(**{"val_size": "0", **ck["config"]})
+
+
+def load_split(cfg: TrainConfig, data_dir: Path | None = None) -> datasets.Dataset:
+    """The run's dataset with its validation split held out (the same samples for a seed)."""
     ds = datasets.load(cfg.dataset, data_dir)
+    n_val = datasets.validation_size(cfg.val_size, cfg.dataset, len(ds.train.y))
+    return datasets.with_validation(ds, n_val, cfg.seed)
+
+
+def record_validation(ds: datasets.Dataset, cfg: TrainConfig, out: Path) -> None:
+    """Writes which training samples the run holds out (`validation.json`), so that what the run
+    never trained on can be checked and reused."""
+    idx = [] if ds.val_indices is None else [int(i) for i in ds.val_indices]
+    (out / "validation.json").write_text(json.dumps(
+        {"dataset": cfg.dataset, "val_size": cfg.val_size, "seed": cfg.seed, "samples": len(idx),
+         "train_samples": len(ds.train.y), "indices": idx}) + "\n")
+
+
+def _restore(cfg: TrainConfig, ck: dict, data_dir: Path | None = None):
+    ds = load_split(cfg, data_dir)
     classes = cfg.validate(len(ds.classes))
     model = build_model(cfg, classes, ds.train.x.shape[1])
     model.load_state_dict(ck["model"])

@@ -89,3 +89,49 @@ def test_npz(tmp_path):
 def test_unknown_dataset():
     with pytest.raises(ConfigError, match="unknown dataset 'mnist'"):
         data.load("mnist")
+
+
+def fake_train(n):
+    return data.Dataset("fashion-mnist", [str(i) for i in range(10)],
+                        data.Split(np.arange(n, dtype=np.uint8).reshape(n, 1, 1, 1), np.arange(n) % 10),
+                        data.Split(np.zeros((2, 1, 1, 1), np.uint8), np.zeros(2, np.int64)), [0.0], [1.0], flip=False)
+
+
+def test_the_validation_split_is_disjoint_from_training_and_stable_for_a_seed():
+    ds = fake_train(200)
+    a = data.with_validation(ds, 30, seed=7)
+    # Every sample is in exactly one of the two (the images are their own index here).
+    val, tr = set(a.val.x.reshape(-1).tolist()), set(a.train.x.reshape(-1).tolist())
+    assert len(val) == 30 and len(tr) == 170 and not val & tr and val | tr == set(range(200))
+    assert sorted(val) == a.val_indices.tolist()
+    assert (a.val.y == a.val_indices % 10).all(), "labels travel with their images"
+    assert data.with_validation(ds, 30, seed=7).val_indices.tolist() == a.val_indices.tolist()
+    assert data.with_validation(ds, 30, seed=8).val_indices.tolist() != a.val_indices.tolist()
+    assert data.with_validation(ds, 0, seed=7) is ds
+
+
+def test_val_size_takes_auto_a_count_or_a_fraction():
+    assert data.validation_size("auto", "fashion-mnist", 60000) == 5000
+    assert data.validation_size("auto", "npz:x.npz", 1000) == 100
+    assert data.validation_size("auto", "fashion-mnist", 200) == 20  # small copies get the fraction
+    assert data.validation_size("300", "svhn", 1000) == 300
+    assert data.validation_size("0.25", "svhn", 1000) == 250
+    assert data.validation_size("0", "svhn", 1000) == 0
+    for bad in ("-1", "1.5", "lots"):
+        with pytest.raises(ConfigError, match="expected auto, a sample count"):
+            data.validation_size(bad, "svhn", 1000)
+    with pytest.raises(ConfigError, match="leave none of the 1000 to train on"):
+        data.validation_size("1000", "svhn", 1000)
+
+
+def test_npz_takes_separate_train_and_test_files(tmp_path):
+    np.savez(tmp_path / "tr.npz", x=np.full((8, 4, 4), 7, np.uint8), y=np.arange(8) % 3)
+    np.savez(tmp_path / "te.npz", x=np.full((3, 4, 4), 9, np.uint8), y=np.array([0, 1, 4]))
+    ds = data.load(f"npz:{tmp_path / 'tr.npz'},{tmp_path / 'te.npz'}")
+    assert len(ds.train.y) == 8 and ds.test.y.tolist() == [0, 1, 4]
+    assert (ds.test.x == 9).all() and len(ds.classes) == 5
+    np.savez(tmp_path / "odd.npz", x=np.zeros((3, 5, 5), np.uint8), y=np.zeros(3))
+    with pytest.raises(ConfigError, match="holds"):
+        data.load(f"npz:{tmp_path / 'tr.npz'},{tmp_path / 'odd.npz'}")
+    with pytest.raises(ConfigError, match="not a readable .npz"):
+        data.load(f"npz:{tmp_path / 'tr.npz'},{tmp_path / 'missing.npz'}")

@@ -77,6 +77,18 @@ def test_export_writes_the_format_and_matches_onnx_runtime(tmp_path, npz_data):
     assert sess.run(["exit3"], {"input": np.zeros((5, 1, 28, 28), np.float32)})[0].shape == (5, 3)
 
 
+def test_a_run_holds_out_its_validation_split_and_records_it(tmp_path, npz_data):
+    cfg = tiny_cfg(npz_data, epochs=1)
+    done = train(cfg, tmp_path / "run", progress=False)
+    rec = json.loads((tmp_path / "run" / "validation.json").read_text())
+    # 200 samples, 40 of them the test split: 10 % of the 160 training samples held out.
+    assert rec["samples"] == 16 and rec["train_samples"] == 144 and len(set(rec["indices"])) == 16
+    assert done["history"][0]["evaluated_on"] == "validation"
+    none = train(replace(cfg, val_size="0"), tmp_path / "all", progress=False)
+    assert json.loads((tmp_path / "all" / "validation.json").read_text())["samples"] == 0
+    assert none["history"][0]["evaluated_on"] == "test"
+
+
 def test_export_refuses_an_unfinished_run(tmp_path, npz_data):
     cfg = tiny_cfg(npz_data)
     train(cfg, tmp_path / "run", progress=False, max_steps=2)

@@ -82,6 +82,19 @@ impl ExitRule {
         Some(Answer { class: self.class_of[i]?, exit: self.index, entropy, probability: probs[i] })
     }
 
+    /// What the exit rule sees of one row, whatever the threshold: the entropy (nats) and the
+    /// class of the top logit (`None` when the bag logit wins). `None` for non-finite logits,
+    /// which never leave early. Calibration scores samples with this so that it chooses
+    /// thresholds for exactly the rule that [`ExitRule::decide`] applies.
+    pub fn score(&self, row: &[f32]) -> Option<(f32, Option<u32>)> {
+        if row.iter().any(|v| !v.is_finite()) {
+            return None;
+        }
+        let mut probs = vec![0f32; row.len()];
+        let entropy = softmax_entropy(row, &mut probs);
+        Some((entropy, self.class_of[argmax(&probs, |_| true)]))
+    }
+
     /// Decides every sample of a `[n, width]` logits block (row-major).
     pub fn decide(&self, logits: &[f32]) -> Vec<Outcome> {
         let w = self.width();
@@ -205,6 +218,11 @@ impl PolicyFile {
             let path = e.path().to_string();
             Error::Policy(format!("at `{path}`: {}", e.into_inner()))
         })
+    }
+
+    /// The policy as TOML, in the form [`PolicyFile::from_toml`] reads back.
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string(self).map_err(|e| Error::Policy(format!("writing TOML: {e}")))
     }
 
     /// Parses a policy file's TOML.

@@ -2,7 +2,8 @@
 //!
 //! Owns everything that does not depend on how samples arrive: the model format ([`format`],
 //! [`model`]), cutting a graph into per-exit segments and partitions ([`partition`]), what a
-//! partition costs in memory ([`planner`]), the class-aware exit rule and policy ([`exit`]), the
+//! partition costs in memory ([`planner`]), the class-aware exit rule and policy ([`exit`]) and
+//! its thresholds chosen on data ([`calibrate`]), the
 //! backend seam with its ONNX Runtime implementation ([`backend`], `ort_backend` behind the
 //! default `ort` feature), the
 //! segmented runner and its dedicated thread ([`runner`], [`worker`]) and dataset readers
@@ -13,6 +14,7 @@
 //! only lets their flags parse the core's option enums.
 
 pub mod backend;
+pub mod calibrate;
 pub mod dataset;
 pub mod engine;
 pub mod error;

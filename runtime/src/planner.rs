@@ -400,6 +400,62 @@ fn peak_activations(
     (peak, unknown)
 }
 
+/// Multiply-accumulates per sample of each segment: Conv (output elements × input channels per
+/// group × kernel area), Gemm and MatMul (output elements × the reduced dimension); element-wise
+/// ops and pooling are not counted, as is usual for MAC figures. A sample answered at exit `m`
+/// costs the sum over segments `0..=m`. Shapes come from the graph's declared shapes and the
+/// weights; a Conv, Gemm or MatMul whose shapes are unknown is an error naming the node.
+pub fn segment_macs(model: &Model, segs: &[Segment]) -> Result<Vec<u64>> {
+    let g = model.graph();
+    let shapes = declared_shapes(g);
+    let weights: HashMap<&str, &[i64]> = g.initializer.iter().map(|t| (t.name(), &t.dims[..])).collect();
+    // Per-sample dimensions of a tensor: a declared shape without its batch, or a weight's dims.
+    let dims = |name: &str| -> Option<Vec<u64>> {
+        if let Some(w) = weights.get(name) {
+            return Some(w.iter().map(|&d| d.max(0) as u64).collect());
+        }
+        let (d, _) = shapes.get(name)?;
+        d.iter()
+            .enumerate()
+            .map(|(i, d)| match d {
+                Dim::Fixed(v) => Some(*v as u64),
+                Dim::Symbolic if i == 0 => Some(1),
+                Dim::Symbolic => None,
+            })
+            .collect()
+    };
+    let node_macs = |i: usize| -> Result<u64> {
+        let n = &g.node[i];
+        let need = |name: &str| {
+            dims(name).ok_or_else(|| {
+                Error::Parse(format!(
+                    "no declared shape for `{name}` of {} node `{}`: MACs need the shapes that \
+                     onnx.shape_inference writes",
+                    n.op_type(),
+                    n.name()
+                ))
+            })
+        };
+        let per_sample = |d: &[u64]| d.iter().skip(1).product::<u64>();
+        Ok(match n.op_type() {
+            "Conv" => {
+                let (out, w) = (need(&n.output[0])?, need(&n.input[1])?);
+                per_sample(&out) * w.iter().skip(1).product::<u64>()
+            }
+            "Gemm" | "MatMul" => {
+                let (out, a) = (need(&n.output[0])?, need(&n.input[0])?);
+                // Gemm's A may be transposed; its reduced dimension is then the first.
+                let trans_a =
+                    n.op_type() == "Gemm" && n.attribute.iter().any(|a| a.name() == "transA" && a.i.unwrap_or(0) != 0);
+                let k = if trans_a { a.first() } else { a.last() }.copied().unwrap_or(1);
+                per_sample(&out) * k
+            }
+            _ => 0,
+        })
+    };
+    segs.iter().map(|s| s.nodes.iter().map(|&i| node_macs(i)).sum()).collect()
+}
+
 /// Element count and bytes of an initializer.
 fn tensor_size(t: &onnx::TensorProto) -> (u64, u64) {
     let n: u64 = t.dims.iter().map(|&d| d.max(0) as u64).product();
@@ -440,6 +496,15 @@ mod tests {
         let e = parse_size("5 parsecs").unwrap_err().to_string();
         assert!(e.contains("unknown unit `parsecs`") && e.contains("MiB = 2^20"), "{e}");
         assert!(parse_size("MB").is_err());
+    }
+
+    /// tiny3's MACs by hand (scripts/make-models.py; 4×4 input, same padding): segment 1: conv
+    /// 1→2 3×3, 32 outputs × 9, + exit 2→2, 2 × 2 = 292; segment 2: conv 2→2 3×3, 32 × 18, +
+    /// exit 2→4, 4 × 2 = 584; segment 3: conv 2→4 1×1, 64 × 2 = 128.
+    #[test]
+    fn tiny3_macs_match_a_hand_count() {
+        let m = tiny3();
+        assert_eq!(segment_macs(&m, &segments(&m).unwrap()).unwrap(), vec![292, 584, 128]);
     }
 
     /// tiny3 counted by hand (see scripts/make-models.py): parameters 26 / 50 / 12 per segment.

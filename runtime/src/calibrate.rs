@@ -1,0 +1,780 @@
+//! Exit thresholds chosen on data instead of typed: `classynet calibrate`.
+//!
+//! Samples are scored once with the exit rule itself ([`ExitRule::score`]: entropy and top class
+//! at every exit), so that what is calibrated is exactly what the runtime serves. Then:
+//!
+//! * **`precision=p`**: exit by exit, in order, among the samples that reach the exit (those
+//!   that left earlier under the thresholds already chosen are gone) and whose top class may
+//!   leave there, the largest threshold at which the samples leaving are correct at least a
+//!   fraction `p` of the time. With `--confidence 1-δ` the precision must hold for the
+//!   Clopper-Pearson upper bound on the error, and thresholds are tried from the smallest up,
+//!   stopping at the first that fails (fixed-sequence testing, which keeps the guarantee at δ
+//!   per exit without a correction for the number of thresholds tried).
+//! * **`accuracy-drop=d`**: thresholds such that the accuracy with early exits stays at most `d`
+//!   points below the last exit's alone, spent where it saves the most compute: starting from no
+//!   early exits, each step raises the one exit threshold (over a grid of its entropy quantiles)
+//!   that saves the most MACs per sample lost, until no step fits the allowance.
+//! * **`--classes-only`** keeps the thresholds and chooses which classes each exit may answer:
+//!   a class stays when the samples leaving as that class are correct at least `p` of the time.
+//!
+//! An exit with fewer than `min_support` eligible samples keeps its threshold and says so. A
+//! threshold falls strictly between two observed entropies, so the rule (`entropy < T`)
+//! reproduces the calibration's exit counts exactly on the calibration data.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::error::{Error, Result};
+use crate::exit::{ClassRef, ExitPolicy, Outcome, Policy, PolicyFile};
+use crate::format::ModelMeta;
+
+/// What calibration aims for.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Target {
+    /// Per exit, the samples leaving there are correct at least this fraction of the time.
+    Precision(f64),
+    /// The accuracy with early exits at most this many percentage points below the last exit's.
+    AccuracyDrop(f64),
+}
+
+impl FromStr for Target {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Target> {
+        let bad = || {
+            Error::Parse(format!(
+                "--target `{s}`: expected precision=P (0 < P ≤ 1, e.g. precision=0.99) or accuracy-drop=D \
+                 (points, D ≥ 0, e.g. accuracy-drop=0.5)"
+            ))
+        };
+        let (key, value) = s.split_once('=').ok_or_else(bad)?;
+        let v: f64 = value.trim().parse().map_err(|_| bad())?;
+        match key.trim() {
+            "precision" if v > 0.0 && v <= 1.0 => Ok(Target::Precision(v)),
+            "accuracy-drop" if (0.0..=100.0).contains(&v) => Ok(Target::AccuracyDrop(v)),
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Precision(p) => write!(f, "precision={p}"),
+            Target::AccuracyDrop(d) => write!(f, "accuracy-drop={d}"),
+        }
+    }
+}
+
+/// How to calibrate.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Options {
+    pub target: Target,
+    /// Fewest eligible samples (or, with `classes_only`, samples of a class) an exit needs
+    /// before its threshold (or the class) is changed.
+    pub min_support: usize,
+    /// With [`Target::Precision`]: the confidence (e.g. 0.95) with which the precision must hold,
+    /// from a Clopper-Pearson bound on the error of the samples leaving.
+    pub confidence: Option<f64>,
+    /// Choose the classes each exit answers instead of its threshold (precision target only).
+    pub classes_only: bool,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options { target: Target::Precision(0.99), min_support: 30, confidence: None, classes_only: false }
+    }
+}
+
+/// What every exit's rule sees of every sample, and the labels.
+#[derive(Debug, Clone, Default)]
+pub struct Scores {
+    pub labels: Vec<u32>,
+    /// `[exit][sample]`: entropy and top class (`None`: the bag); `None` for non-finite logits.
+    pub exits: Vec<Vec<Option<(f32, Option<u32>)>>>,
+    /// Per sample, the last exit's answer as the runtime gives it; `None` where it fails.
+    pub last: Vec<Option<u32>>,
+}
+
+impl Scores {
+    /// Adds a batch: `logits[m]` is exit m's `[n, width]` block (row-major), `labels` the n labels.
+    pub fn push(&mut self, policy: &Policy, logits: &[&[f32]], labels: &[u32]) -> Result<()> {
+        if logits.len() != policy.rules.len() {
+            return Err(Error::Backend(format!(
+                "calibration needs the logits of all {} exits, got {}",
+                policy.rules.len(),
+                logits.len()
+            )));
+        }
+        if self.exits.is_empty() {
+            self.exits = vec![Vec::new(); policy.rules.len()];
+        }
+        for (m, (rule, block)) in policy.rules.iter().zip(logits).enumerate() {
+            if block.len() != labels.len() * rule.width() {
+                return Err(Error::Backend(format!(
+                    "exit {} gave {} logits for {} samples of width {}",
+                    rule.name,
+                    block.len(),
+                    labels.len(),
+                    rule.width()
+                )));
+            }
+            self.exits[m].extend(block.chunks_exact(rule.width()).map(|row| rule.score(row)));
+            if rule.last {
+                self.last.extend(rule.decide(block).into_iter().map(|o| match o {
+                    Outcome::Exit(a) => Some(a.class),
+                    _ => None,
+                }));
+            }
+        }
+        self.labels.extend_from_slice(labels);
+        Ok(())
+    }
+
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+}
+
+/// One exit's rule during calibration: a threshold (`None`: disabled) and the classes allowed.
+#[derive(Debug, Clone, PartialEq)]
+struct Rule {
+    threshold: Option<f32>,
+    allowed: Vec<bool>,
+}
+
+/// The outcome for one exit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExitResult {
+    pub name: String,
+    /// The threshold before calibration (the model's or the starting policy's).
+    pub before: Option<f32>,
+    /// The threshold chosen; `None` for a disabled exit and for the last exit.
+    pub threshold: Option<f32>,
+    /// Per class id: may this exit answer it.
+    pub allowed: Vec<bool>,
+    /// Samples that reach the exit, that may leave there (finite, top class allowed), that
+    /// leave, and that leave with the right class.
+    pub reaching: usize,
+    pub eligible: usize,
+    pub exited: usize,
+    pub correct: usize,
+    /// Why the exit was left as it was, when it was.
+    pub note: Option<String>,
+}
+
+/// A calibration: the rule of every exit and what it gives on the calibration data.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Calibration {
+    pub target: Target,
+    pub samples: usize,
+    pub exits: Vec<ExitResult>,
+    /// Accuracy with the calibrated early exits, and of the last exit alone.
+    pub accuracy: f64,
+    pub final_accuracy: f64,
+    /// MACs per sample with the early exits, and of the whole model; counted per segment from
+    /// the graph when `macs` was given, else in segments (one per exit).
+    pub macs_per_sample: f64,
+    pub final_macs: f64,
+    pub macs_counted: bool,
+    /// `[class][exit]`: how many samples of each true class leave at each exit.
+    pub class_exits: Vec<Vec<usize>>,
+}
+
+/// Calibrates `base` (the model's policy, or one given to start from) on `scores`. `macs` are
+/// the MACs per sample of each segment ([`crate::planner::segment_macs`]).
+pub fn calibrate(
+    meta: &ModelMeta,
+    base: &Policy,
+    scores: &Scores,
+    macs: Option<&[u64]>,
+    opts: &Options,
+) -> Result<Calibration> {
+    let n = scores.len();
+    let m = base.rules.len();
+    if n == 0 {
+        return Err(Error::Parse("calibration needs at least one sample".into()));
+    }
+    if scores.exits.len() != m {
+        return Err(Error::Parse(format!("scores for {} exits, the model has {m}", scores.exits.len())));
+    }
+    if let Some(c) = opts.confidence {
+        if !(c > 0.0 && c < 1.0) {
+            return Err(Error::Parse(format!("--confidence {c}: expected a level between 0 and 1, e.g. 0.95")));
+        }
+        if !matches!(opts.target, Target::Precision(_)) {
+            return Err(Error::Parse("--confidence goes with a precision target".into()));
+        }
+    }
+    let k = meta.num_classes();
+    if let Some(&bad) = scores.labels.iter().find(|&&y| y as usize >= k) {
+        return Err(Error::Parse(format!("label {bad} is not a class of this model (it has {k})")));
+    }
+    let mut rules: Vec<Rule> =
+        base.rules.iter().map(|r| Rule { threshold: r.threshold, allowed: r.allowed.clone() }).collect();
+    let mut notes: Vec<Option<String>> = vec![None; m];
+    match (opts.target, opts.classes_only) {
+        (Target::Precision(p), false) => precision(scores, &mut rules, &mut notes, p, opts),
+        (Target::Precision(p), true) => classes_only(scores, &mut rules, &mut notes, p, opts),
+        (Target::AccuracyDrop(_), true) => {
+            return Err(Error::Parse("--classes-only goes with a precision target".into()));
+        }
+        (Target::AccuracyDrop(d), false) => accuracy_drop(scores, &mut rules, &mut notes, d, macs, opts),
+    }
+    Ok(summarise(meta, base, scores, &rules, notes, macs, opts.target))
+}
+
+/// Does sample `i` leave at early exit `e` under `rule`?
+fn leaves(scores: &Scores, e: usize, i: usize, rule: &Rule) -> bool {
+    match (scores.exits[e][i], rule.threshold) {
+        (Some((h, Some(c))), Some(t)) => h < t && rule.allowed[c as usize],
+        _ => false,
+    }
+}
+
+fn exit_of(scores: &Scores, rules: &[Rule], i: usize) -> usize {
+    let last = rules.len() - 1;
+    (0..last).find(|&e| leaves(scores, e, i, &rules[e])).unwrap_or(last)
+}
+
+/// Samples sorted by entropy with whether each is right, and the threshold that lets the first
+/// `k` of them leave.
+fn threshold_for(cands: &[(f32, bool)], k: usize) -> f32 {
+    let lo = cands[k - 1].0;
+    let up = next_up(lo);
+    match cands.get(k) {
+        Some(&(hi, _)) => {
+            let mid = ((lo as f64 + hi as f64) / 2.0) as f32;
+            if mid > lo {
+                mid
+            } else {
+                up
+            }
+        }
+        None => up,
+    }
+}
+
+fn next_up(x: f32) -> f32 {
+    if x <= 0.0 {
+        f32::from_bits(1)
+    } else {
+        f32::from_bits(x.to_bits() + 1)
+    }
+}
+
+/// The largest `k` (at a boundary between distinct entropies) whose first `k` samples meet the
+/// precision target; with a confidence level, the fixed-sequence scan from the smallest.
+fn largest_precise(cands: &[(f32, bool)], p: f64, confidence: Option<f64>) -> Option<usize> {
+    let mut right = 0usize;
+    let mut best = None;
+    for k in 1..=cands.len() {
+        right += cands[k - 1].1 as usize;
+        if k < cands.len() && cands[k].0 <= cands[k - 1].0 {
+            continue; // a threshold cannot separate equal entropies
+        }
+        let ok = match confidence {
+            None => right as f64 >= p * k as f64 - 1e-9,
+            Some(level) => 1.0 - error_upper_bound(k, k - right, 1.0 - level) >= p - 1e-12,
+        };
+        if ok {
+            best = Some(k);
+        } else if confidence.is_some() {
+            break;
+        }
+    }
+    best
+}
+
+/// Clopper-Pearson upper bound at level `1 - delta` on an error rate seen as `errors` of `n`:
+/// the q at which `P(Binomial(n, q) ≤ errors) = delta`.
+pub fn error_upper_bound(n: usize, errors: usize, delta: f64) -> f64 {
+    if errors >= n {
+        return 1.0;
+    }
+    let cdf = |q: f64| -> f64 {
+        // sum_{j=0}^{errors} C(n, j) q^j (1-q)^(n-j), term by term in log space.
+        let (lq, l1q) = (q.ln(), (1.0 - q).ln());
+        let mut log_c = 0.0f64;
+        let mut sum = 0.0f64;
+        for j in 0..=errors {
+            if j > 0 {
+                log_c += ((n - j + 1) as f64).ln() - (j as f64).ln();
+            }
+            sum += (log_c + j as f64 * lq + (n - j) as f64 * l1q).exp();
+        }
+        sum
+    };
+    let (mut lo, mut hi) = (errors as f64 / n as f64, 1.0f64);
+    for _ in 0..60 {
+        let mid = (lo + hi) / 2.0;
+        if cdf(mid) > delta {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    hi
+}
+
+fn precision(scores: &Scores, rules: &mut [Rule], notes: &mut [Option<String>], p: f64, opts: &Options) {
+    let n = scores.len();
+    let mut present = vec![true; n];
+    for e in 0..rules.len() - 1 {
+        let name = format!("E{}", e + 1);
+        if rules[e].threshold.is_none() {
+            notes[e] = Some("disabled in the starting policy; left so".into());
+            continue;
+        }
+        let mut cands: Vec<(f32, bool)> = (0..n)
+            .filter(|&i| present[i])
+            .filter_map(|i| match scores.exits[e][i] {
+                Some((h, Some(c))) if rules[e].allowed[c as usize] => Some((h, c == scores.labels[i])),
+                _ => None,
+            })
+            .collect();
+        if cands.len() < opts.min_support {
+            notes[e] = Some(format!(
+                "only {} eligible samples reach {name} (--min-support {}): threshold kept",
+                cands.len(),
+                opts.min_support
+            ));
+        } else {
+            cands.sort_by(|a, b| a.0.total_cmp(&b.0));
+            match largest_precise(&cands, p, opts.confidence) {
+                Some(k) => rules[e].threshold = Some(threshold_for(&cands, k)),
+                None => {
+                    rules[e].threshold = None;
+                    notes[e] =
+                        Some(format!("no threshold reaches the target on {} eligible samples: disabled", cands.len()));
+                }
+            }
+        }
+        for (i, here) in present.iter_mut().enumerate() {
+            if *here && leaves(scores, e, i, &rules[e]) {
+                *here = false;
+            }
+        }
+    }
+}
+
+fn classes_only(scores: &Scores, rules: &mut [Rule], notes: &mut [Option<String>], p: f64, opts: &Options) {
+    let n = scores.len();
+    let mut present = vec![true; n];
+    for e in 0..rules.len() - 1 {
+        if rules[e].threshold.is_none() {
+            notes[e] = Some("disabled in the starting policy; left so".into());
+            continue;
+        }
+        let k = rules[e].allowed.len();
+        let (mut out, mut right) = (vec![0usize; k], vec![0usize; k]);
+        for i in (0..n).filter(|&i| present[i] && leaves(scores, e, i, &rules[e])) {
+            let (_, c) = scores.exits[e][i].expect("a sample that leaves has finite logits");
+            let c = c.expect("a sample that leaves has a real class") as usize;
+            out[c] += 1;
+            right[c] += (c as u32 == scores.labels[i]) as usize;
+        }
+        let mut few = Vec::new();
+        for c in 0..k {
+            if !rules[e].allowed[c] || out[c] == 0 {
+                continue;
+            }
+            if out[c] < opts.min_support {
+                few.push(c);
+                continue;
+            }
+            let ok = match opts.confidence {
+                None => right[c] as f64 >= p * out[c] as f64 - 1e-9,
+                Some(level) => 1.0 - error_upper_bound(out[c], out[c] - right[c], 1.0 - level) >= p - 1e-12,
+            };
+            rules[e].allowed[c] = ok;
+        }
+        if !few.is_empty() {
+            notes[e] =
+                Some(format!("classes {few:?} leave on fewer than --min-support {} samples: kept", opts.min_support));
+        }
+        for (i, here) in present.iter_mut().enumerate() {
+            if *here && leaves(scores, e, i, &rules[e]) {
+                *here = false;
+            }
+        }
+    }
+}
+
+/// Candidate thresholds of early exit `e`: up to `LEVELS` quantiles of the entropies of the
+/// samples whose top class may leave there, each placed just above its entropy.
+const LEVELS: usize = 48;
+
+fn accuracy_drop(
+    scores: &Scores,
+    rules: &mut [Rule],
+    notes: &mut [Option<String>],
+    drop_points: f64,
+    macs: Option<&[u64]>,
+    opts: &Options,
+) {
+    let n = scores.len();
+    let m = rules.len();
+    let early = m - 1;
+    // Cost of leaving at each exit: MACs to there, or segments when they cannot be counted.
+    let cost: Vec<f64> = match macs {
+        Some(per) => per.iter().scan(0u64, |s, &x| Some(std::mem::replace(s, *s + x) + x)).map(|c| c as f64).collect(),
+        None => (1..=m).map(|c| c as f64).collect(),
+    };
+    // Per exit, per sample: the entropy when the sample may leave there (else infinity), and
+    // whether the answer is right.
+    let mut ent = vec![vec![f32::INFINITY; n]; m];
+    let mut right = vec![vec![false; n]; m];
+    for e in 0..early {
+        for i in 0..n {
+            if let Some((h, Some(c))) = scores.exits[e][i] {
+                right[e][i] = c == scores.labels[i];
+                if rules[e].allowed[c as usize] {
+                    ent[e][i] = h;
+                }
+            }
+        }
+    }
+    for i in 0..n {
+        right[early][i] = scores.last[i] == Some(scores.labels[i]);
+    }
+    let mut levels: Vec<Vec<f32>> = Vec::with_capacity(early);
+    for e in 0..early {
+        let mut cands: Vec<(f32, bool)> = ent[e].iter().filter(|h| h.is_finite()).map(|&h| (h, true)).collect();
+        cands.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let mut t = vec![0.0f32]; // level 0: nothing leaves
+        if cands.len() < opts.min_support {
+            notes[e] = Some(format!(
+                "only {} samples may leave at E{} (--min-support {}): disabled",
+                cands.len(),
+                e + 1,
+                opts.min_support
+            ));
+        } else {
+            for q in 1..=LEVELS {
+                let mut k = (cands.len() * q).div_ceil(LEVELS);
+                while k < cands.len() && cands[k].0 <= cands[k - 1].0 {
+                    k += 1;
+                }
+                let th = threshold_for(&cands, k);
+                if th > *t.last().expect("level 0") {
+                    t.push(th);
+                }
+            }
+        }
+        levels.push(t);
+    }
+    let simulate = |at: &[usize]| -> (usize, f64) {
+        let (mut ok, mut spent) = (0usize, 0.0f64);
+        for i in 0..n {
+            let e = (0..early).find(|&e| ent[e][i] < levels[e][at[e]]).unwrap_or(early);
+            ok += right[e][i] as usize;
+            spent += cost[e];
+        }
+        (ok, spent)
+    };
+    let mut at = vec![0usize; early];
+    let (base_ok, mut spent) = simulate(&at);
+    let floor = base_ok as f64 - drop_points / 100.0 * n as f64 - 1e-9;
+    loop {
+        let mut best: Option<(f64, usize, f64)> = None; // (score, exit, spent)
+        for e in 0..early {
+            if at[e] + 1 >= levels[e].len() {
+                continue;
+            }
+            at[e] += 1;
+            let (ok, s) = simulate(&at);
+            at[e] -= 1;
+            let saved = spent - s;
+            if (ok as f64) < floor || saved <= 0.0 {
+                continue;
+            }
+            let lost = base_ok.saturating_sub(ok) as f64;
+            let score = saved / (lost + 1.0);
+            if best.is_none_or(|(b, _, _)| score > b) {
+                best = Some((score, e, s));
+            }
+        }
+        match best {
+            Some((_, e, s)) => {
+                at[e] += 1;
+                spent = s;
+            }
+            None => break,
+        }
+    }
+    for e in 0..early {
+        rules[e].threshold = (at[e] > 0).then(|| levels[e][at[e]]);
+        if at[e] == 0 && notes[e].is_none() {
+            notes[e] = Some("no threshold saves compute within the allowance: disabled".into());
+        }
+    }
+}
+
+fn summarise(
+    meta: &ModelMeta,
+    base: &Policy,
+    scores: &Scores,
+    rules: &[Rule],
+    notes: Vec<Option<String>>,
+    macs: Option<&[u64]>,
+    target: Target,
+) -> Calibration {
+    let n = scores.len();
+    let m = rules.len();
+    let k = meta.num_classes();
+    let cost: Vec<f64> = match macs {
+        Some(per) => per.iter().scan(0u64, |s, &x| Some(std::mem::replace(s, *s + x) + x)).map(|c| c as f64).collect(),
+        None => (1..=m).map(|c| c as f64).collect(),
+    };
+    let mut res: Vec<ExitResult> = base
+        .rules
+        .iter()
+        .zip(rules)
+        .zip(notes)
+        .map(|((b, r), note)| ExitResult {
+            name: b.name.clone(),
+            before: b.threshold,
+            threshold: if b.last { None } else { r.threshold },
+            allowed: r.allowed.clone(),
+            reaching: 0,
+            eligible: 0,
+            exited: 0,
+            correct: 0,
+            note,
+        })
+        .collect();
+    let mut class_exits = vec![vec![0usize; m]; k];
+    let (mut right, mut final_right, mut spent) = (0usize, 0usize, 0.0f64);
+    for i in 0..n {
+        let y = scores.labels[i];
+        let answer_last = scores.last[i];
+        final_right += (answer_last == Some(y)) as usize;
+        let e = exit_of(scores, rules, i);
+        for r in res.iter_mut().take(e + 1) {
+            r.reaching += 1;
+        }
+        for (x, r) in res.iter_mut().enumerate().take(e + 1) {
+            if let Some((_, Some(c))) = scores.exits[x][i] {
+                if x + 1 == m || r.allowed[c as usize] {
+                    r.eligible += 1;
+                }
+            }
+        }
+        let answer = if e + 1 == m { answer_last } else { scores.exits[e][i].and_then(|(_, c)| c) };
+        res[e].exited += 1;
+        if answer == Some(y) {
+            res[e].correct += 1;
+            right += 1;
+        }
+        class_exits[y as usize][e] += 1;
+        spent += cost[e];
+    }
+    Calibration {
+        target,
+        samples: n,
+        exits: res,
+        accuracy: right as f64 / n as f64,
+        final_accuracy: final_right as f64 / n as f64,
+        macs_per_sample: spent / n as f64,
+        final_macs: cost[m - 1],
+        macs_counted: macs.is_some(),
+        class_exits,
+    }
+}
+
+impl Calibration {
+    /// The policy file that serves this calibration: every early exit's threshold (or
+    /// `disabled`), and its classes where they differ from the model's.
+    pub fn policy_file(&self, meta: &ModelMeta, version: u64) -> PolicyFile {
+        let k = meta.num_classes();
+        let exits = self
+            .exits
+            .iter()
+            .zip(&meta.exits)
+            .take(self.exits.len().saturating_sub(1))
+            .map(|(r, e)| {
+                let mut trained = vec![false; k];
+                for &c in &e.classes {
+                    trained[c] = true;
+                }
+                let classes = (r.allowed != trained)
+                    .then(|| (0..k).filter(|&c| r.allowed[c]).map(ClassRef::Id).collect::<Vec<_>>());
+                ExitPolicy { name: r.name.clone(), threshold: r.threshold, disabled: r.threshold.is_none(), classes }
+            })
+            .collect();
+        PolicyFile { version, exits }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_parse_and_say_what_they_expect() {
+        assert_eq!("precision=0.99".parse::<Target>().unwrap(), Target::Precision(0.99));
+        assert_eq!("accuracy-drop=0.5".parse::<Target>().unwrap(), Target::AccuracyDrop(0.5));
+        for bad in ["precision=1.5", "precision", "recall=0.9", "accuracy-drop=-1"] {
+            let e = bad.parse::<Target>().unwrap_err().to_string();
+            assert!(e.contains("expected precision=P") && e.contains(bad), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_clopper_pearson_bound_matches_known_values() {
+        // 0 errors of 100 at 95 %: 1 - 0.05^(1/100) = 0.0295.
+        assert!((error_upper_bound(100, 0, 0.05) - 0.0295).abs() < 1e-4);
+        // 1 error of 10 at 95 %: 0.3942 (the exact binomial interval's upper end).
+        assert!((error_upper_bound(10, 1, 0.05) - 0.3942).abs() < 1e-3);
+        assert_eq!(error_upper_bound(5, 5, 0.05), 1.0);
+    }
+
+    #[test]
+    fn thresholds_fall_strictly_between_observed_entropies() {
+        let c = [(0.1f32, true), (0.2, true), (0.2, false), (0.5, true)];
+        let t = threshold_for(&c, 1);
+        assert!(t > 0.1 && t < 0.2);
+        let t = threshold_for(&c, 4);
+        assert!(t > 0.5 && t - 0.5 < 1e-6);
+        // Adjacent floats: the next one up still admits the first and not the second.
+        let a = 0.3f32;
+        let b = f32::from_bits(a.to_bits() + 1);
+        let t = threshold_for(&[(a, true), (b, true)], 1);
+        assert!(a < t && !(b < t));
+        // Equal entropies are never split.
+        assert_eq!(largest_precise(&c, 0.9, None), Some(1));
+        assert_eq!(largest_precise(&c, 0.7, None), Some(4));
+    }
+}
+
+#[cfg(test)]
+mod synthetic {
+    //! Scores built by hand, with the answers worked out in the comments.
+    use super::*;
+    use crate::model::tests::tiny3;
+
+    /// tiny3: E1 a bag exit for class 2, E2 plain, E3 last; 4 classes. 100 samples:
+    /// * E1: samples 0..60 have top class 2 at entropy i/100; 0..40 are right (label 2), and
+    ///   from 40 on every even one is wrong (label 0), so precision over the first k is 1 up to
+    ///   k = 40, then 41/42, 41/43, 42/44 = 0.9545, 42/45 = 0.933, …, 50/60.
+    /// * E2: samples 0..44 are wrong at entropy 0.05 (they never count if E1 took them); 44..100
+    ///   are right at entropy 0.3 + (i-44)/100, but sample 99 (the least sure) is wrong.
+    /// * The last exit answers every sample right.
+    fn scores() -> Scores {
+        let n = 100;
+        let mut labels = vec![1u32; n];
+        let mut e1 = vec![None; n];
+        let mut e2 = vec![None; n];
+        for i in 0..n {
+            if i < 60 {
+                let right = i < 40 || i % 2 == 1;
+                labels[i] = if right { 2 } else { 0 };
+                e1[i] = Some((i as f32 / 100.0, Some(2)));
+            } else {
+                e1[i] = Some((1.0, None)); // the bag wins
+            }
+            let y = labels[i];
+            e2[i] = if i < 44 {
+                Some((0.05, Some((y + 1) % 4)))
+            } else {
+                let right = i != 99;
+                Some((0.3 + (i - 44) as f32 / 100.0, Some(if right { y } else { (y + 1) % 4 })))
+            };
+        }
+        let e3 = labels.iter().map(|&y| Some((0.1, Some(y)))).collect();
+        Scores { last: labels.iter().map(|&y| Some(y)).collect(), labels, exits: vec![e1, e2, e3] }
+    }
+
+    fn run(opts: Options) -> Calibration {
+        let m = tiny3();
+        calibrate(&m.meta, &Policy::defaults(&m.meta), &scores(), None, &opts).unwrap()
+    }
+
+    #[test]
+    fn precision_picks_the_largest_threshold_that_meets_it_taking_earlier_exits_into_account() {
+        let c = run(Options { target: Target::Precision(0.95), min_support: 10, ..Options::default() });
+        // E1: the largest k with precision ≥ 0.95 is 44 (42/44): between entropies 0.43 and 0.44.
+        let t1 = c.exits[0].threshold.unwrap();
+        assert!(t1 > 0.43 && t1 < 0.44, "{t1}");
+        assert_eq!((c.exits[0].exited, c.exits[0].correct), (44, 42));
+        // E2 sees only the 56 samples E1 left it; 55 of 56 are right, ≥ 0.95: all leave.
+        assert_eq!(c.exits[1].reaching, 56);
+        assert_eq!((c.exits[1].exited, c.exits[1].correct), (56, 55));
+        assert_eq!(c.exits[2].exited, 0);
+        assert_eq!(c.class_exits[2][0], 42);
+
+        // At 0.99, E1 stops at k = 40 (sample 40 is the first wrong one). E2 then also sees
+        // samples 40..44, wrong at its lowest entropy: no threshold reaches 0.99 there, and it
+        // is disabled, saying why.
+        let c = run(Options { target: Target::Precision(0.99), min_support: 10, ..Options::default() });
+        assert_eq!((c.exits[0].exited, c.exits[0].correct), (40, 40));
+        assert_eq!(c.exits[1].reaching, 60);
+        assert_eq!((c.exits[1].threshold, c.exits[1].exited), (None, 0));
+        assert!(c.exits[1].note.as_deref().unwrap().contains("no threshold reaches the target"));
+    }
+
+    #[test]
+    fn an_exit_with_too_few_samples_keeps_its_threshold_and_says_so() {
+        let c = run(Options { target: Target::Precision(0.95), min_support: 61, ..Options::default() });
+        assert_eq!(c.exits[0].threshold, Some(0.5), "tiny3's own E1 threshold");
+        let note = c.exits[0].note.as_deref().unwrap();
+        assert!(note.contains("only 60 eligible samples reach E1") && note.contains("--min-support 61"), "{note}");
+    }
+
+    #[test]
+    fn a_confidence_level_asks_for_more_than_the_observed_precision() {
+        let plain = run(Options { target: Target::Precision(0.95), min_support: 10, ..Options::default() });
+        let sure = run(Options {
+            target: Target::Precision(0.95),
+            min_support: 10,
+            confidence: Some(0.9),
+            ..Options::default()
+        });
+        // With 40 right of 40 the 90 % bound on the error is 1 - 0.1^(1/40) = 0.056 > 0.05, so
+        // E1 cannot reach 0.95 with that confidence: it stops short or is disabled.
+        assert!(sure.exits[0].exited < plain.exits[0].exited, "{:?}", sure.exits[0]);
+    }
+
+    #[test]
+    fn accuracy_drop_zero_keeps_the_accuracy_and_saves_compute() {
+        let c = run(Options { target: Target::AccuracyDrop(0.0), min_support: 10, ..Options::default() });
+        assert!(c.accuracy >= c.final_accuracy, "{} vs {}", c.accuracy, c.final_accuracy);
+        assert!(c.macs_per_sample < c.final_macs, "early exits save something: {}", c.macs_per_sample);
+        // Allowing 100 points lets the greedy send everything it can to the cheapest exit.
+        let all = run(Options { target: Target::AccuracyDrop(100.0), min_support: 10, ..Options::default() });
+        assert!(all.macs_per_sample <= c.macs_per_sample);
+        assert_eq!(all.exits[0].exited, 60, "every sample E1 may answer leaves there");
+    }
+
+    #[test]
+    fn classes_only_drops_a_class_that_misses_the_target() {
+        // tiny3's E2 answers every class at entropy < 0.9: class (y+1)%4 answers for the 44
+        // wrong samples; with the thresholds kept, classes that leave wrongly are gated off.
+        let c =
+            run(Options { target: Target::Precision(0.95), min_support: 1, classes_only: true, ..Options::default() });
+        assert_eq!(c.exits[0].threshold, Some(0.5));
+        assert!(c.exits[1].allowed.iter().any(|a| !a), "{:?}", c.exits[1].allowed);
+        let m = tiny3();
+        let file = c.policy_file(&m.meta, 3);
+        assert!(file.exits[1].classes.is_some());
+        Policy::resolve(&m.meta, &file).expect("the written policy is valid for the model");
+    }
+
+    #[test]
+    fn the_policy_file_round_trips_through_toml_and_the_policy_reader() {
+        let c = run(Options { target: Target::Precision(0.95), min_support: 10, ..Options::default() });
+        let m = tiny3();
+        let file = c.policy_file(&m.meta, 7);
+        let text = file.to_toml().unwrap();
+        let back = PolicyFile::from_toml(&text).unwrap();
+        assert_eq!(back, file);
+        let p = Policy::resolve(&m.meta, &back).unwrap();
+        assert_eq!(p.version, 7);
+        assert_eq!(p.rules[0].threshold, c.exits[0].threshold, "the f32 threshold survives the text");
+    }
+}
