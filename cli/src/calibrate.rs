@@ -258,7 +258,7 @@ fn report_json(
         "whole_model_macs": cal.final_macs,
         "macs_counted": cal.macs_counted,
         "exits": cal.exits.iter().map(|e| json!({
-            "name": e.name, "threshold": e.threshold, "before": e.before,
+            "name": e.name, "threshold": e.threshold.map(decimal), "before": e.before.map(decimal),
             "classes": e.allowed.iter().enumerate().filter(|(_, a)| **a).map(|(c, _)| c).collect::<Vec<_>>(),
             "reaching": e.reaching, "eligible": e.eligible, "count": e.exited, "correct": e.correct,
             "note": e.note,
@@ -267,6 +267,12 @@ fn report_json(
         "policy": a.out,
         "seconds": {"scoring": scored_s, "choosing": chosen_s},
     })
+}
+
+/// An f32 as the shortest decimal that reads back as it (0.4, not 0.4000000059604645), for JSON
+/// readers that hold f64.
+fn decimal(x: f32) -> f64 {
+    x.to_string().parse().expect("an f32 prints as a number")
 }
 
 /// Writes the policy, TOML with a header saying where it came from (JSON for a `.json` name).

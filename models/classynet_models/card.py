@@ -21,7 +21,11 @@ def write_card(onnx_path: Path, info: dict, base_card: Path | None = None) -> di
         "mode": cfg["mode"], "scheme": cfg["scheme"], "backbone": cfg["backbone"], "exits": cfg["exits"],
         "dataset": cfg["dataset"], "epochs": cfg["epochs"], "seed": cfg["seed"], "batch_size": cfg["batch_size"],
         "lr": cfg["lr"], "schedule": cfg["schedule"], "assignment": cfg["assignment"],
-        "thresholds": cfg["thresholds"], "exit_weights": cfg["weights"],
+        # The thresholds in the model (calibrated where the export calibrated) and the trained ones.
+        "thresholds": info.get("thresholds", cfg["thresholds"]), "trained_thresholds": cfg["thresholds"],
+        "calibration": info.get("calibration") and {
+            k: info["calibration"][k] for k in ("target", "samples", "accuracy", "final_exit_accuracy")},
+        "exit_weights": cfg["weights"],
         "costs": cfg["costs"] if cfg["mode"] in ("cn+c", "cs") else None,
         "train_minutes": summary.get("train_minutes"), "hardware": summary.get("hardware"),
         "precision": summary.get("precision"),
@@ -32,7 +36,12 @@ def write_card(onnx_path: Path, info: dict, base_card: Path | None = None) -> di
         "exit_correct": m["exit_correct"],
         "exit_distribution_per_class": m["exit_distribution_per_class"],
         "export_max_abs_diff": info["max_abs_diff"],
+        "samples": m.get("samples"),
     }
+    if info.get("calibration") is not None:
+        d = info["default_metrics"]
+        card["trained_threshold_results"] = {"early_exit_accuracy": d["early_exit_accuracy"],
+                                             "exit_counts": d["exit_counts"]}
     if cfg["mode"] == "base":
         card["target"] = {"what": f"final-exit accuracy >= {100 * BASE_TARGET:.0f} %",
                           "met": m["final_exit_accuracy"] >= BASE_TARGET,
@@ -40,7 +49,7 @@ def write_card(onnx_path: Path, info: dict, base_card: Path | None = None) -> di
     elif base_card is not None and base_card.exists():
         base = json.loads(base_card.read_text())["final_exit_accuracy"]
         gap = m["early_exit_accuracy"] - base
-        card["target"] = {"what": "accuracy with early exits at default thresholds within 1.0 point of base "
+        card["target"] = {"what": "accuracy with early exits at the model's thresholds within 1.0 point of base "
                                   f"({100 * base:.2f} %)",
                           "met": gap >= -EXIT_MODEL_MARGIN, "gap_points": round(100 * gap, 2)}
     onnx_path.with_suffix(".card.json").write_text(json.dumps(card, indent=2) + "\n")
@@ -60,7 +69,15 @@ def markdown(c: dict) -> str:
         "",
         f"- Final-exit test accuracy: **{pct(c['final_exit_accuracy'])}**",
     ]
-    if c["mode"] != "base":
+    fmt_t = lambda ts: "[" + ", ".join("off" if t is None else f"{t:.3g}" for t in ts) + "]"  # noqa: E731
+    if c["mode"] != "base" and c.get("calibration"):
+        cal, d = c["calibration"], c["trained_threshold_results"]
+        lines.append(f"- Thresholds calibrated with `classynet calibrate --target {cal['target']}` on "
+                     f"{cal['samples']} validation samples: {fmt_t(c['thresholds'])}")
+        lines.append(f"- Accuracy with early exits: **{pct(c['early_exit_accuracy'])}** at the calibrated "
+                     f"thresholds, exit counts {c['exit_counts']}; {pct(d['early_exit_accuracy'])} at the "
+                     f"trained thresholds {fmt_t(c['trained_thresholds'])}, exit counts {d['exit_counts']}")
+    elif c["mode"] != "base":
         lines.append(f"- Accuracy with early exits at the default thresholds {c['thresholds']}: "
                      f"**{pct(c['early_exit_accuracy'])}**")
     if "target" in c:
@@ -76,7 +93,8 @@ def markdown(c: dict) -> str:
     for i in range(n):
         lines.append(f"| E{i + 1} | {pct(c['per_exit_accuracy'][i])} | {c['exit_counts'][i]} | "
                      f"{c['exit_correct'][i]} |")
-    lines += ["", "Exit distribution per class (10k test samples, default thresholds):", "",
+    which = "calibrated" if c.get("calibration") else "default"
+    lines += ["", f"Exit distribution per class ({c.get('samples') or 10000} test samples, {which} thresholds):", "",
               "| class | " + " | ".join(f"E{i + 1}" for i in range(n)) + " |",
               "|---|" + "---|" * n]
     for name, row in c["exit_distribution_per_class"].items():

@@ -74,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--data-dir", type=Path)
     e.add_argument("--card", action="store_true", help="also write MODEL.card.json and MODEL.card.md")
     e.add_argument("--base-card", type=Path, help="the base model's card, for the accuracy target comparison")
+    e.add_argument("--calibrate", default="precision=0.99",
+                   help="threshold calibration on the run's validation split with the classynet tool: a "
+                        "'classynet calibrate --target' (precision=P or accuracy-drop=D), or none to keep the "
+                        "trained thresholds")
 
     v = sub.add_parser("evaluate", help="test-set metrics of a run or an exported ONNX model")
     v.add_argument("--run", type=Path, help="run folder written by train")
@@ -100,8 +104,15 @@ def main(argv: list[str] | None = None) -> int:
         elif args.verb == "export":
             from .export import export_run
 
-            info = export_run(args.run, args.out, name=args.name, data_dir=args.data_dir)
+            calibrate = None if args.calibrate.strip().lower() == "none" else args.calibrate
+            info = export_run(args.run, args.out, name=args.name, data_dir=args.data_dir, calibrate=calibrate)
             print(f"wrote {args.out}: max |onnx - torch| = {info['max_abs_diff']:.2e} on {info['samples']} test samples")
+            if info["calibration"] is not None:
+                cal = info["calibration"]
+                print(f"thresholds calibrated for {cal['target']} on {cal['samples']} validation samples: "
+                      + ", ".join("off" if t is None else f"{t:.4f}" for t in info["thresholds"])
+                      + f"; test accuracy with early exits {100 * info['metrics']['early_exit_accuracy']:.2f}% "
+                      f"(trained thresholds: {100 * info['default_metrics']['early_exit_accuracy']:.2f}%)")
             if args.card:
                 from .card import write_card
 

@@ -23,6 +23,9 @@ from .data import normalise
 from .evaluate import exit_logits, summarise
 from .losses import answerable, uses_bags, uses_costs
 
+# What `classynet-train export` calibrates for unless told otherwise (--calibrate).
+DEFAULT_CALIBRATION = "precision=0.99"
+
 OPSET = 17
 IR_VERSION = 8
 PARITY_SAMPLES = 256
@@ -108,7 +111,12 @@ def export_model(model: torch.nn.Module, meta: dict, x_u8: np.ndarray, out: Path
     return {"max_abs_diff": diff, "samples": int(len(x))}
 
 
-def export_run(run: Path, out: Path, name: str | None = None, data_dir: Path | None = None) -> dict:
+def export_run(run: Path, out: Path, name: str | None = None, data_dir: Path | None = None,
+               calibrate: str | None = DEFAULT_CALIBRATION) -> dict:
+    """Exports a finished run. With `calibrate` (a `classynet calibrate --target`, or None) and a
+    validation split in the run, the exits' thresholds in the model are the ones `classynet
+    calibrate` chooses on that split; the trained defaults are kept beside them in the metadata,
+    and the test metrics are given for both."""
     from .train import _restore, config_of
 
     if not (run / "checkpoint.pt").exists():
@@ -120,19 +128,86 @@ def export_run(run: Path, out: Path, name: str | None = None, data_dir: Path | N
                           "(rerun the same train command to resume)")
     model, classes, ds = _restore(cfg, ck, data_dir)
     logits = exit_logits(model, ds.test.x, ds.mean, ds.std)
-    metrics = summarise(logits, ds.test.y, answerable(cfg.mode, classes), uses_bags(cfg.mode), list(cfg.thresholds),
-                        ds.classes)
+    rule = (answerable(cfg.mode, classes), uses_bags(cfg.mode))
+    default_metrics = summarise(logits, ds.test.y, *rule, list(cfg.thresholds), ds.classes)
     summary_path = run / "train-summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    extra = {"metrics": {k: metrics[k] for k in ("final_exit_accuracy", "per_exit_accuracy", "early_exit_accuracy",
-                                                  "exit_counts")},
+    extra = {"metrics": _card_metrics(default_metrics),
              "train_minutes": summary.get("train_minutes"), "hardware": summary.get("hardware")}
     meta = metadata(name or out.stem, cfg, classes, ds.classes, list(ds.train.x.shape[1:]), ds.mean, ds.std, extra)
     info = export_model(model, meta, ds.test.x, out)
+    thresholds: list[float | None] = list(cfg.thresholds)
+    calibration = None
+    if calibrate and cfg.mode != "base" and ds.val is not None and len(ds.val.y) > 0:
+        calibration = calibrate_exported(out, ds.val, calibrate)
+        thresholds = [e["threshold"] for e in calibration["exits"][:-1]]
+        metrics = summarise(logits, ds.test.y, *rule, thresholds, ds.classes)
+        for e, t in zip(meta["exits"], thresholds):
+            e["threshold"] = t
+        meta["training"]["metrics"] = _card_metrics(metrics)
+        meta["training"]["default_thresholds"] = list(cfg.thresholds)
+        meta["training"]["default_threshold_metrics"] = _card_metrics(default_metrics)
+        meta["training"]["calibration"] = {
+            "target": calibration["target"], "samples": calibration["samples"], "on": "the run's validation split",
+            "accuracy": calibration["accuracy"], "final_exit_accuracy": calibration["final_exit_accuracy"],
+            "notes": [e["note"] for e in calibration["exits"] if e.get("note")],
+        }
+        proto = onnx.load(str(out))
+        del proto.metadata_props[:]
+        onnx.helper.set_model_props(proto, {"classynet": json.dumps(meta)})
+        onnx.save(proto, out)
+    else:
+        metrics = default_metrics
     info["metrics"] = metrics
+    info["default_metrics"] = default_metrics
+    info["thresholds"] = thresholds
+    info["calibration"] = calibration
     info["config"] = asdict(cfg)
     info["summary"] = summary
     return info
+
+
+def _card_metrics(m: dict) -> dict:
+    return {k: m[k] for k in ("final_exit_accuracy", "per_exit_accuracy", "early_exit_accuracy", "exit_counts")}
+
+
+def classynet_binary() -> Path:
+    """The `classynet` tool: $CLASSYNET_BIN_DIR, then this checkout's release and debug builds,
+    then PATH."""
+    import os
+    import shutil
+
+    root = Path(__file__).resolve().parents[2]
+    dirs = [os.environ.get("CLASSYNET_BIN_DIR"), root / "target" / "release", root / "target" / "debug"]
+    for d in dirs:
+        if d and (Path(d) / "classynet").is_file():
+            return Path(d) / "classynet"
+    found = shutil.which("classynet")
+    if found:
+        return Path(found)
+    raise ConfigError("calibrating the exported thresholds needs the classynet tool: build it with "
+                      "'cargo build --release -p classynet-cli' (scripts/setup does), set CLASSYNET_BIN_DIR, or "
+                      "export with --calibrate none")
+
+
+def calibrate_exported(model: Path, val, target: str) -> dict:
+    """Runs `classynet calibrate` on the exported model over the validation samples (written to
+    a temporary .npz, uint8 as the trainer holds them) and returns its JSON report."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="classynet-calibrate-") as tmp:
+        data = Path(tmp) / "validation.npz"
+        np.savez(data, x=val.x, y=val.y)
+        cmd = [str(classynet_binary()), "calibrate", "--model", str(model), "--dataset", f"npz:{data}",
+               "--target", target, "--batch", "64", "--json"]
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+        except OSError as e:
+            raise ConfigError(f"could not run {cmd[0]}: {e}") from None
+        if r.returncode != 0:
+            raise ConfigError(f"classynet calibrate failed (exit {r.returncode}): {r.stderr.strip()}")
+        return json.loads(r.stdout)
 
 
 def evaluate_cmd(run: Path | None, model_path: Path | None, thresholds: list[float] | None,

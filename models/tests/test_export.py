@@ -117,3 +117,36 @@ def test_train_rejects_bad_configs(npz_data, tmp_path):
         train(tiny_cfg(npz_data, scheme="mc", assignment=[[1], [1]]), tmp_path / "x", progress=False)
     with pytest.raises(ConfigError, match="class 7, but class ids run 0..2"):
         train(tiny_cfg(npz_data, assignment=[[7], [1]]), tmp_path / "x", progress=False)
+
+
+def test_export_calibrates_the_thresholds_on_the_validation_split(tmp_path):
+    """The export asks `classynet calibrate` for thresholds on the run's held-out samples, puts
+    them in the model, and keeps the trained ones and their results beside them."""
+    rng = np.random.default_rng(5)
+    y = np.arange(1500) % 3
+    x = np.clip(rng.normal(60 + 70 * y[:, None, None], 40, (1500, 28, 28)), 0, 255).astype(np.uint8)
+    np.savez(tmp_path / "toy.npz", x=x, y=y)
+    cfg = tiny_cfg(tmp_path / "toy.npz", epochs=1, thresholds=[0.05, 0.05])
+    train(cfg, tmp_path / "run", progress=False)
+    info = export_run(tmp_path / "run", tmp_path / "cal.onnx", calibrate="precision=0.95")
+    cal = info["calibration"]
+    assert cal["samples"] == 120 and cal["target"] == "precision=0.95"  # 10 % of the 1,200 training samples
+    meta = json.loads({p.key: p.value for p in onnx.load(str(tmp_path / "cal.onnx")).metadata_props}["classynet"])
+    served = [e["threshold"] for e in meta["exits"][:-1]]
+    assert served == [e["threshold"] for e in cal["exits"][:-1]] == info["thresholds"]
+    assert served != [0.05, 0.05], "the typed thresholds were replaced"
+    t = meta["training"]
+    assert t["default_thresholds"] == [0.05, 0.05] and t["calibration"]["samples"] == 120
+    assert t["metrics"]["exit_counts"] == info["metrics"]["exit_counts"]
+    # On the validation samples, the early exits are right at least 95 % of the time.
+    for e in cal["exits"][:-1]:
+        assert e["count"] == 0 or e["correct"] / e["count"] >= 0.95, e
+    from classynet_models.card import write_card
+
+    card = write_card(tmp_path / "cal.onnx", info)
+    assert card["thresholds"] == served and card["trained_thresholds"] == [0.05, 0.05]
+    assert card["trained_threshold_results"]["exit_counts"] == info["default_metrics"]["exit_counts"]
+    assert "calibrated" in (tmp_path / "cal.card.md").read_text()
+
+    plain = export_run(tmp_path / "run", tmp_path / "plain.onnx", calibrate=None)
+    assert plain["calibration"] is None and plain["thresholds"] == [0.05, 0.05]
