@@ -32,6 +32,8 @@ def config_from(args: argparse.Namespace):
         costs=args.costs, masking=args.masking, dataset=args.dataset, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, schedule=args.schedule, augment=args.augment,
         seed=args.seed, precision=args.precision, val_size=args.val_size,
+        init_from=str(args.init_from.resolve()) if args.init_from else None,
+        finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
     )
 
 
@@ -57,6 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
     t.add_argument("--augment", action="store_true", help="random crops (and flips where label-preserving)")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--init-from", type=Path, metavar="RUN",
+                   help="start from a finished base run (same backbone, data, --seed and --val-size): its backbone "
+                        "and classifier stay frozen for --epochs while the exits train")
+    t.add_argument("--finetune-epochs", type=int, default=0,
+                   help="with --init-from: then train the whole network this many epochs more")
+    t.add_argument("--finetune-lr", type=float, help="learning rate of the fine-tuning epochs (default: --lr / 10)")
     t.add_argument("--val-size", default="auto",
                    help="training samples held out for validation and calibration, chosen by --seed: auto "
                         "(5000 for Fashion-MNIST, 10%% elsewhere), a count, a fraction (0.1), or 0")

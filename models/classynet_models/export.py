@@ -61,7 +61,8 @@ def metadata(name: str, cfg, classes: ExitClasses, class_names: list[str], in_sh
                 "assignment": cfg.assignment, "exit_weights": cfg.weights,
                 "costs": cfg.costs if uses_costs(cfg.mode) else None, "masking": cfg.masking,
                 "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "schedule": cfg.schedule,
-                "augment": cfg.augment, "seed": cfg.seed, "precision": cfg.precision}
+                "augment": cfg.augment, "seed": cfg.seed, "precision": cfg.precision,
+                "validation": cfg.val_size, "init_from": cfg.init_from, "finetune_epochs": cfg.finetune_epochs}
     training.update(training_extra or {})
     return {"format_version": 1, "name": name, "classes": class_names,
             "input": {"shape": in_shape, "scale": 1.0 / 255.0, "mean": mean, "std": std},

@@ -51,6 +51,11 @@ class TrainConfig:
     # Held out of the training split (see data.validation_size): auto, a count or a fraction.
     # Runs from before the split read as "0" (they trained on everything; see `load_trained`).
     val_size: str = "auto"
+    # A trained `base` run whose backbone and classifier this run starts from (frozen for
+    # `epochs`, then trained whole for `finetune_epochs` at `finetune_lr`).
+    init_from: str | None = None
+    finetune_epochs: int = 0
+    finetune_lr: float | None = None  # default: lr / 10
 
     def exit_config(self) -> str:
         return "base" if self.mode == "base" else self.exits
@@ -74,6 +79,13 @@ class TrainConfig:
         check_costs(tuple(self.costs))
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
             raise ConfigError("epochs, batch size and learning rate must be positive")
+        if self.finetune_epochs < 0 or (self.finetune_lr is not None and not self.finetune_lr > 0):
+            raise ConfigError("--finetune-epochs must be 0 or more and --finetune-lr positive")
+        if self.init_from is not None and self.mode == "base":
+            raise ConfigError("--init-from starts the exits of a bn, cn, cn+c or cs run from a base run's backbone; "
+                              "a base run has no exits to train")
+        if self.finetune_epochs and self.init_from is None:
+            raise ConfigError("--finetune-epochs follows --init-from (the frozen phase); without it, use --epochs")
         if self.schedule not in ("cosine", "constant"):
             raise ConfigError(f"unknown schedule {self.schedule!r} (cosine or constant)")
         return classes
@@ -140,12 +152,16 @@ def train(cfg: TrainConfig, out: Path, data_dir: Path | None = None, progress: b
         opt.load_state_dict(ck["optimizer"])
         epoch, step_in_epoch, elapsed, history = ck["epoch"], ck["step"], ck["elapsed"], ck["history"]
         print(f"resuming {out} at epoch {epoch + 1}, step {step_in_epoch} ({elapsed / 60:.1f} min done)")
+    elif cfg.init_from is not None:
+        init_from_base(model, Path(cfg.init_from), cfg, ds)
+        print(f"backbone and classifier from {cfg.init_from}: frozen for {cfg.epochs} epochs"
+              + (f", then {cfg.finetune_epochs} epochs of fine-tuning" if cfg.finetune_epochs else ""))
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     bf16 = use_bf16(cfg)
     model = model.to(memory_format=torch.channels_last)
     n = len(ds.train.y)
     steps = math.ceil(n / cfg.batch_size)
-    total_steps = steps * cfg.epochs
+    epochs = cfg.epochs + cfg.finetune_epochs
     xtr = torch.from_numpy(ds.train.x)
     ytr = torch.from_numpy(ds.train.y)
     last_ckpt = time.monotonic()
@@ -159,12 +175,23 @@ def train(cfg: TrainConfig, out: Path, data_dir: Path | None = None, progress: b
                     "history": history}, tmp)
         tmp.replace(ckpt_path)  # atomic: a crash never leaves a half-written checkpoint
 
-    while epoch < cfg.epochs:
+    while epoch < epochs:
+        # With --init-from the backbone and the classifier stay as the base run left them (batch
+        # norm statistics included) until the fine-tuning epochs.
+        frozen = cfg.init_from is not None and epoch < cfg.epochs
+        set_frozen(model, frozen)
         model.train()
+        if frozen:
+            for part in frozen_parts(model):
+                part.eval()
+        # Each phase has its own cosine schedule: training (or the exits alone), then fine-tuning.
+        phase_start, phase_epochs, phase_lr = (
+            (0, cfg.epochs, cfg.lr) if epoch < cfg.epochs
+            else (cfg.epochs, cfg.finetune_epochs, cfg.finetune_lr or cfg.lr / 10))
         # The order of an epoch depends only on (seed, epoch), so a resumed run sees the same
         # batches as an uninterrupted one.
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-        bar = tqdm(range(step_in_epoch, steps), desc=f"{cfg.mode} epoch {epoch + 1}/{cfg.epochs}",
+        bar = tqdm(range(step_in_epoch, steps), desc=f"{cfg.mode} epoch {epoch + 1}/{epochs}",
                    disable=not progress, unit="step", initial=step_in_epoch, total=steps)
         for s in bar:
             idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
@@ -173,7 +200,9 @@ def train(cfg: TrainConfig, out: Path, data_dir: Path | None = None, progress: b
                 xb = datasets.augment(xb, torch.Generator().manual_seed(cfg.seed * 10**7 + epoch * 10**4 + s), ds.flip)
             xb = datasets.normalise(xb, ds.mean, ds.std).contiguous(memory_format=torch.channels_last)
             g = epoch * steps + s
-            lr = cfg.lr if cfg.schedule == "constant" else cfg.lr * 0.5 * (1 + math.cos(math.pi * g / total_steps))
+            in_phase = (epoch - phase_start) * steps + s
+            lr = phase_lr if cfg.schedule == "constant" else \
+                phase_lr * 0.5 * (1 + math.cos(math.pi * in_phase / (phase_epochs * steps)))
             for group in opt.param_groups:
                 group["lr"] = lr
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -213,10 +242,63 @@ def train(cfg: TrainConfig, out: Path, data_dir: Path | None = None, progress: b
         save()
         last_ckpt = time.monotonic()
     ck = torch.load(ckpt_path, weights_only=False)
-    summary = {"finished": True, "epochs": cfg.epochs, "train_minutes": ck["elapsed"] / 60,
+    summary = {"finished": True, "epochs": epochs, "train_minutes": ck["elapsed"] / 60,
                "hardware": hardware(), "precision": "bf16 autocast" if bf16 else "fp32", "history": ck["history"]}
     (out / "train-summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def frozen_parts(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """What --init-from keeps from the base run: every segment and the last exit's classifier."""
+    return [*model.segments, model.heads[-1]]
+
+
+def set_frozen(model: torch.nn.Module, frozen: bool) -> None:
+    for part in frozen_parts(model):
+        for p in part.parameters():
+            p.requires_grad_(not frozen)
+
+
+def _leaves(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """Modules that hold parameters or buffers themselves, in definition order."""
+    return [m for m in module.modules()
+            if any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False))]
+
+
+def init_from_base(model: torch.nn.Module, base_run: Path, cfg: TrainConfig, ds: datasets.Dataset) -> None:
+    """Copies a finished `base` run's backbone into `model`'s segments and its classifier into
+    the last exit. The base run must be the same backbone on the same data, and must have held
+    out the same validation samples (else this run's calibration would see training samples)."""
+    ck_path = base_run / "checkpoint.pt"
+    if not ck_path.exists():
+        raise ConfigError(f"--init-from {base_run}: no checkpoint.pt there (train the base run first)")
+    ck = torch.load(ck_path, weights_only=False)
+    base_cfg = config_of(ck)
+    if base_cfg.mode != "base":
+        raise ConfigError(f"--init-from {base_run}: a {base_cfg.mode} run; expected a base run (one exit)")
+    if ck["epoch"] < base_cfg.epochs:
+        raise ConfigError(f"--init-from {base_run}: trained {ck['epoch']} of {base_cfg.epochs} epochs; finish it first")
+    if (base_cfg.backbone, base_cfg.dataset) != (cfg.backbone, cfg.dataset):
+        raise ConfigError(f"--init-from {base_run}: it is {base_cfg.backbone} on {base_cfg.dataset}; this run is "
+                          f"{cfg.backbone} on {cfg.dataset}")
+    base_ds = load_split(base_cfg)
+    mine = [] if ds.val_indices is None else ds.val_indices.tolist()
+    theirs = [] if base_ds.val_indices is None else base_ds.val_indices.tolist()
+    if mine != theirs:
+        raise ConfigError(f"--init-from {base_run}: it held out other validation samples (--seed {base_cfg.seed} "
+                          f"--val-size {base_cfg.val_size}); use the same --seed and --val-size, so that no sample "
+                          "this run calibrates on was trained on")
+    base = build_model(base_cfg, base_cfg.validate(len(ds.classes)), ds.train.x.shape[1])
+    base.load_state_dict(ck["model"])
+    src = [m for seg in base.segments for m in _leaves(seg)] + _leaves(base.heads[-1])
+    dst = [m for seg in model.segments for m in _leaves(seg)] + _leaves(model.heads[-1])
+    shapes = lambda ms: [(type(m).__name__, tuple(t.shape for t in m.state_dict().values())) for m in ms]  # noqa: E731
+    if shapes(src) != shapes(dst):
+        raise ConfigError(f"--init-from {base_run}: its backbone's layers do not line up with this run's "
+                          f"({len(src)} against {len(dst)} layers with weights)")
+    with torch.no_grad():
+        for a, b in zip(src, dst):
+            b.load_state_dict(a.state_dict())
 
 
 def load_trained(out: Path) -> tuple[TrainConfig, torch.nn.Module, ExitClasses, datasets.Dataset]:

@@ -150,3 +150,37 @@ def test_export_calibrates_the_thresholds_on_the_validation_split(tmp_path):
 
     plain = export_run(tmp_path / "run", tmp_path / "plain.onnx", calibrate=None)
     assert plain["calibration"] is None and plain["thresholds"] == [0.05, 0.05]
+
+
+def test_init_from_a_base_run_keeps_its_backbone_while_frozen_then_fine_tunes(tmp_path, npz_data):
+    base = tiny_cfg(npz_data, mode="base", exits="3exit", assignment=[], weights=[1.0], thresholds=[], epochs=1)
+    train(base, tmp_path / "base", progress=False)
+    ck_base = torch.load(tmp_path / "base" / "checkpoint.pt", weights_only=False)["model"]
+
+    cfg = tiny_cfg(npz_data, epochs=1, init_from=str(tmp_path / "base"))
+    train(cfg, tmp_path / "exits", progress=False)
+    ck = torch.load(tmp_path / "exits" / "checkpoint.pt", weights_only=False)["model"]
+    # Base: one segment of three blocks; 3exit: one block per segment. Every backbone tensor
+    # (running statistics of batch norm too) and the classifier are the base run's, unchanged.
+    for blk in range(3):
+        for k, v in ck_base.items():
+            prefix = f"segments.0.{blk}."
+            if k.startswith(prefix):
+                assert torch.equal(ck[f"segments.{blk}." + k[len(prefix):]], v), k
+    assert torch.equal(ck["heads.2.fc.weight"], ck_base["heads.0.fc.weight"])
+    # The early exits did train.
+    fresh = torch.load(tmp_path / "exits" / "checkpoint.pt", weights_only=False)
+    assert fresh["epoch"] == 1
+
+    tuned = replace(cfg, finetune_epochs=1)
+    done = train(tuned, tmp_path / "tuned", progress=False)
+    assert done["finished"] and done["epochs"] == 2
+    ck2 = torch.load(tmp_path / "tuned" / "checkpoint.pt", weights_only=False)["model"]
+    assert not torch.equal(ck2["segments.0.0.weight"], ck_base["segments.0.0.0.weight"]), "fine-tuning moves it"
+
+    with pytest.raises(ConfigError, match="held out other validation samples"):
+        train(replace(cfg, seed=4), tmp_path / "other", progress=False)
+    with pytest.raises(ConfigError, match="expected a base run"):
+        train(replace(cfg, init_from=str(tmp_path / "exits")), tmp_path / "x", progress=False)
+    with pytest.raises(ConfigError, match="follows --init-from"):
+        train(replace(cfg, init_from=None, finetune_epochs=1), tmp_path / "y", progress=False)
