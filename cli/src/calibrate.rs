@@ -12,7 +12,10 @@ use std::time::Instant;
 
 use clap::Args;
 use classynet_runtime::backend::Engine;
-use classynet_runtime::calibrate::{calibrate, Calibration, Options, Scores, Target};
+use classynet_runtime::calibrate::{
+    assign, calibrate, evaluate_assignment, parse_assignment, Assignment, Calibration, Options, Scores, Target,
+};
+use classynet_runtime::exit::PolicyFile;
 use classynet_runtime::model::Model;
 use classynet_runtime::partition::segments;
 use classynet_runtime::planner::segment_macs;
@@ -77,6 +80,14 @@ pub fn run(a: &CalibrateArgs, engine: Arc<dyn Engine>) -> Result<()> {
         return Err(Error::Parse("no samples to calibrate on".into()));
     }
     let base = load_policy(a.policy.as_deref(), &m)?;
+    // Exits the starting policy disables stay disabled; all others are calibrated.
+    let fixed: Vec<bool> = match &a.policy {
+        Some(p) => {
+            let file = PolicyFile::load(p)?;
+            m.meta.exits.iter().map(|e| file.exits.iter().any(|x| x.name == e.name && x.disabled)).collect()
+        }
+        None => Vec::new(),
+    };
     let opts = Options { target, min_support: a.min_support, confidence: a.confidence, classes_only: a.classes_only };
 
     let start = Instant::now();
@@ -91,11 +102,11 @@ pub fn run(a: &CalibrateArgs, engine: Arc<dyn Engine>) -> Result<()> {
         }
     };
     let t = Instant::now();
-    let cal = calibrate(&m.meta, &base, &scores, macs.as_deref(), &opts)?;
+    let cal = calibrate(&m.meta, &base, &fixed, &scores, macs.as_deref(), &opts)?;
     let chosen = t.elapsed();
     let file = cal.policy_file(&m.meta, a.policy_version);
     if let Some(out) = &a.out {
-        write_policy(out, &file, &cal, &m, &ds.name, a)?;
+        write_policy(out, &file, &cal, &m, &ds.name, a.samples.as_deref())?;
     }
     if a.model.json {
         print_json(&report_json(&cal, &m, &ds.name, a, scored.as_secs_f64(), chosen.as_secs_f64()));
@@ -282,7 +293,7 @@ fn write_policy(
     cal: &Calibration,
     m: &Model,
     data: &str,
-    a: &CalibrateArgs,
+    samples: Option<&Path>,
 ) -> Result<()> {
     let json = out.extension().is_some_and(|e| e.eq_ignore_ascii_case("json"));
     let text = if json {
@@ -296,7 +307,7 @@ fn write_policy(
              # {:.2}% at the last exit alone{}.\n{body}",
             cal.target,
             cal.samples,
-            a.samples.as_ref().map(|p| format!(", those of {}", p.display())).unwrap_or_default(),
+            samples.map(|p| format!(", those of {}", p.display())).unwrap_or_default(),
             m.name(),
             m.fingerprint,
             100.0 * cal.accuracy,
@@ -309,4 +320,140 @@ fn write_policy(
         )
     };
     std::fs::write(out, text).map_err(|e| Error::io(out, e))
+}
+
+#[derive(Debug, Args)]
+pub struct AssignArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Precision every early exit is calibrated to, for every assignment tried.
+    #[arg(long, default_value = "precision=0.99", value_name = "precision=P")]
+    pub target: String,
+    /// Assign on these samples of --dataset only (a `validation.json` or a JSON list of indices).
+    #[arg(long, value_name = "FILE")]
+    pub samples: Option<PathBuf>,
+    /// Share of the traffic per class: `uniform`, or one number per class, comma-separated
+    /// (normalised), e.g. a camera that mostly sees class 0.
+    #[arg(long, default_value = "uniform", value_name = "uniform|S0,S1,..")]
+    pub prior: String,
+    /// A fixed assignment to compare with, as the trainer's --assign takes it (the paper's
+    /// Fashion-MNIST one is 9;8;6;1;7;0).
+    #[arg(long, value_name = "ASSIGN")]
+    pub compare: Option<String>,
+    /// Fewest eligible samples an exit needs before its threshold is changed.
+    #[arg(long, default_value_t = 30, value_name = "N")]
+    pub min_support: usize,
+    /// Version written into the policy.
+    #[arg(long, default_value_t = 1)]
+    pub policy_version: u64,
+    /// Policy file to write: the proposed class gating with its calibrated thresholds.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+}
+
+/// `classynet assign`: which classes each exit of a plain-exit model should answer.
+pub fn run_assign(a: &AssignArgs, engine: Arc<dyn Engine>) -> Result<()> {
+    let target: Target = a.target.parse()?;
+    let m = a.model.load()?;
+    if !m.starts_at_input() || m.present.end != m.num_exits() {
+        return Err(Error::Partition(format!("{} is a partition file; assign classes on the full model", m.origin)));
+    }
+    let mut ds = a.data.open(&m)?;
+    if let Some(path) = &a.samples {
+        let idx = read_indices(path, ds.len())?;
+        ds = ds.select(&idx);
+    }
+    let k = m.meta.num_classes();
+    let prior: Vec<f64> = if a.prior.trim() == "uniform" {
+        vec![1.0; k]
+    } else {
+        a.prior
+            .split(',')
+            .map(|x| x.trim().parse::<f64>())
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .ok()
+            .filter(|v| v.len() == k)
+            .ok_or_else(|| {
+                Error::Parse(format!("--prior `{}`: expected uniform or {k} comma-separated shares", a.prior))
+            })?
+    };
+    let opts = Options { target, min_support: a.min_support, confidence: None, classes_only: false };
+    // Scored with every class allowed at every exit: gating is what the search chooses.
+    let open = classynet_runtime::exit::Policy::defaults(&m.meta);
+    let start = Instant::now();
+    let scores = score(&m, &ds, &open, &engine, a.data.batch)?;
+    let macs = segment_macs(&m, &segments(&m)?).ok();
+    let best = assign(&m.meta, &scores, macs.as_deref(), &prior, &opts)?;
+    let total: f64 = prior.iter().sum();
+    let norm: Vec<f64> = prior.iter().map(|p| p / total).collect();
+    let none =
+        evaluate_assignment(&m.meta, &scores, macs.as_deref(), &norm, &vec![Vec::new(); m.num_exits() - 1], &opts)?;
+    let compare = match &a.compare {
+        Some(text) => {
+            let fixed = parse_assignment(text, m.num_exits() - 1, k)?;
+            Some(evaluate_assignment(&m.meta, &scores, macs.as_deref(), &norm, &fixed, &opts)?)
+        }
+        None => None,
+    };
+    if let Some(out) = &a.out {
+        let mut file = best.calibration.policy_file(&m.meta, a.policy_version);
+        // The gating is the point: every early exit lists its classes, changed or not.
+        let gating = classynet_runtime::calibrate::gating_policy(&m.meta, &best.new_classes);
+        for (e, g) in file.exits.iter_mut().zip(gating.exits) {
+            e.classes = g.classes;
+        }
+        write_policy(out, &file, &best.calibration, &m, &ds.name, a.samples.as_deref())?;
+    }
+    let unit = if macs.is_some() { "M MACs" } else { "segments" };
+    let scale = if macs.is_some() { 1e6 } else { 1.0 };
+    let describe = |label: &str, x: &Assignment| {
+        println!(
+            "{label:<22} {:<24} expected {:>8.2} {unit} per sample, accuracy {:.2}%",
+            if x.new_classes.iter().all(Vec::is_empty) { "(none)".to_string() } else { x.assign_string() },
+            x.expected_cost / scale,
+            100.0 * x.calibration.accuracy
+        );
+    };
+    if a.model.json {
+        let j = |x: &Assignment| {
+            json!({
+                "assign": x.assign_string(), "expected_cost": x.expected_cost, "accuracy": x.calibration.accuracy,
+                "exit_counts": x.calibration.exits.iter().map(|e| e.exited).collect::<Vec<_>>(),
+            })
+        };
+        print_json(&json!({
+            "model": m.name(), "samples": scores.len(), "target": target.to_string(), "cost_unit": unit,
+            "prior": norm, "proposed": j(&best), "no_assignment": j(&none),
+            "compared": compare.as_ref().map(j), "policy": a.out,
+        }));
+        return Ok(());
+    }
+    println!(
+        "class-to-exit assignment for {} on {} ({} samples), every exit at {target}",
+        m.name(),
+        ds.name,
+        scores.len()
+    );
+    describe("proposed", &best);
+    if let Some(c) = &compare {
+        describe("compared (--compare)", c);
+    }
+    describe("no early exits", &none);
+    for (e, add) in best.new_classes.iter().enumerate() {
+        let names: Vec<String> = add.iter().map(|&c| m.meta.class_label(c as usize)).collect();
+        println!(
+            "  {} adds {}",
+            m.meta.exits[e].name,
+            if names.is_empty() { "nothing".into() } else { names.join(", ") }
+        );
+    }
+    println!(
+        "train it: classynet-train train --mode cn+c --assign '{}' ...; or serve this model gated: {}",
+        best.assign_string(),
+        a.out.as_ref().map_or("give --out FILE".to_string(), |p| format!("cloud-server --policy {}", p.display()))
+    );
+    eprintln!("searched in {:.1} s", start.elapsed().as_secs_f64());
+    Ok(())
 }

@@ -65,6 +65,9 @@ pub enum Command {
     /// Choose exit thresholds on data (a precision or an accuracy-drop target) and write them
     /// as a policy file that `run` and `cloud-server` load.
     Calibrate(calibrate::CalibrateArgs),
+    /// Propose which classes each early exit of a plain-exit (BranchyNet) model should answer:
+    /// the fewest expected MACs under a traffic prior, every exit at a precision target.
+    Assign(calibrate::AssignArgs),
     /// Check that head + tail of every partition compute what the full model computes.
     VerifySplit(verify::VerifyArgs),
     /// Compare one whole-graph session with the segmented runner (early exits disabled), and
@@ -116,6 +119,7 @@ fn dispatch(cli: &Cli) -> Result<ExitCode> {
         Command::Partition(a) => partition::run(a).map(|_| ExitCode::SUCCESS),
         Command::Run(a) => run::run(a, engine::open(&opts)?).map(|_| ExitCode::SUCCESS),
         Command::Calibrate(a) => calibrate::run(a, engine::open(&opts)?).map(|_| ExitCode::SUCCESS),
+        Command::Assign(a) => calibrate::run_assign(a, engine::open(&opts)?).map(|_| ExitCode::SUCCESS),
         Command::VerifySplit(a) => verify::run(a, engine::open(&opts)?),
         Command::Bench(a) => bench::run(a, &opts).map(|_| ExitCode::SUCCESS),
     }

@@ -331,3 +331,32 @@ fn calibrate_writes_a_policy_that_run_serves_with_the_predicted_exit_counts() {
     ]);
     assert!(e.contains("--classes-only goes with a precision target"), "{e}");
 }
+
+#[test]
+fn assign_proposes_a_gating_that_run_serves_as_predicted() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("gated.toml").display().to_string();
+    let tiny = tiny_dataset();
+    let plain = ["--model", &data("tiny3-plain.onnx"), "--cuts", "cut1,cut2", "--exits", "exit1,exit2,exit3"];
+    let mut args = vec!["assign"];
+    args.extend(plain);
+    args.extend(["--dataset", &tiny, "--target", "precision=0.5", "--min-support", "1"]);
+    args.extend(["--compare", "0;1", "--out", &out, "--json"]);
+    let v: Value = serde_json::from_str(&ok(&args)).unwrap();
+    assert_eq!(v["samples"], 5);
+    let proposed = &v["proposed"];
+    assert!(
+        proposed["expected_cost"].as_f64().unwrap() <= v["compared"]["expected_cost"].as_f64().unwrap(),
+        "the search is never worse than the fixed assignment it is compared with: {v}"
+    );
+    let mut run = vec!["run"];
+    run.extend(plain);
+    run.extend(["--dataset", &tiny, "--policy", &out, "--json"]);
+    let r: Value = serde_json::from_str(&ok(&run)).unwrap();
+    let counts: Vec<u64> = r["exits"].as_array().unwrap().iter().map(|e| e["count"].as_u64().unwrap()).collect();
+    let want: Vec<u64> = proposed["exit_counts"].as_array().unwrap().iter().map(|c| c.as_u64().unwrap()).collect();
+    assert_eq!(counts, want);
+    // A bag-exit model is refused with the reason.
+    let e = fails(&["assign", "--model", &data("tiny3.onnx"), "--dataset", &tiny_dataset()]);
+    assert!(e.contains("bag-of-classes exit"), "{e}");
+}

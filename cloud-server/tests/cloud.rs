@@ -304,7 +304,7 @@ async fn a_calibrated_policy_serves_the_exit_counts_calibration_predicted() {
     let blocks: Vec<&[f32]> = outs.iter().map(|t| t.data.as_slice()).collect();
     scores.push(&base, &blocks, &labels).unwrap();
     let opts = Options { target: Target::Precision(0.8), min_support: 5, ..Options::default() };
-    let cal = calibrate(&model.meta, &base, &scores, None, &opts).unwrap();
+    let cal = calibrate(&model.meta, &base, &[], &scores, None, &opts).unwrap();
     let predicted: Vec<usize> = cal.exits.iter().map(|e| e.exited).collect();
     assert!(predicted[0] + predicted[1] > 0, "the calibration lets some samples leave early: {predicted:?}");
     let dir = tempfile::tempdir().unwrap();

@@ -86,12 +86,16 @@ impl Default for Options {
     }
 }
 
+/// What an exit's rule sees of one sample: entropy and top class (`None`: the bag); `None` for
+/// non-finite logits (see [`ExitRule::score`](crate::exit::ExitRule::score)).
+pub type Score = Option<(f32, Option<u32>)>;
+
 /// What every exit's rule sees of every sample, and the labels.
 #[derive(Debug, Clone, Default)]
 pub struct Scores {
     pub labels: Vec<u32>,
-    /// `[exit][sample]`: entropy and top class (`None`: the bag); `None` for non-finite logits.
-    pub exits: Vec<Vec<Option<(f32, Option<u32>)>>>,
+    /// `[exit][sample]`.
+    pub exits: Vec<Vec<Score>>,
     /// Per sample, the last exit's answer as the runtime gives it; `None` where it fails.
     pub last: Vec<Option<u32>>,
 }
@@ -186,10 +190,13 @@ pub struct Calibration {
 }
 
 /// Calibrates `base` (the model's policy, or one given to start from) on `scores`. `macs` are
-/// the MACs per sample of each segment ([`crate::planner::segment_macs`]).
+/// the MACs per sample of each segment ([`crate::planner::segment_macs`]). Exits marked in
+/// `fixed` (those a starting policy file disables) stay as they are; every other early exit is
+/// calibrated, one without a threshold (a plain model's) included.
 pub fn calibrate(
     meta: &ModelMeta,
     base: &Policy,
+    fixed: &[bool],
     scores: &Scores,
     macs: Option<&[u64]>,
     opts: &Options,
@@ -216,14 +223,18 @@ pub fn calibrate(
     }
     let mut rules: Vec<Rule> =
         base.rules.iter().map(|r| Rule { threshold: r.threshold, allowed: r.allowed.clone() }).collect();
+    let fixed: Vec<bool> = (0..m).map(|e| fixed.get(e).copied().unwrap_or(false)).collect();
     let mut notes: Vec<Option<String>> = vec![None; m];
+    for e in (0..m).filter(|&e| fixed[e]) {
+        notes[e] = Some("disabled in the starting policy; left so".into());
+    }
     match (opts.target, opts.classes_only) {
-        (Target::Precision(p), false) => precision(scores, &mut rules, &mut notes, p, opts),
-        (Target::Precision(p), true) => classes_only(scores, &mut rules, &mut notes, p, opts),
+        (Target::Precision(p), false) => precision(scores, &mut rules, &fixed, &mut notes, p, opts),
+        (Target::Precision(p), true) => classes_only(scores, &mut rules, &fixed, &mut notes, p, opts),
         (Target::AccuracyDrop(_), true) => {
             return Err(Error::Parse("--classes-only goes with a precision target".into()));
         }
-        (Target::AccuracyDrop(d), false) => accuracy_drop(scores, &mut rules, &mut notes, d, macs, opts),
+        (Target::AccuracyDrop(d), false) => accuracy_drop(scores, &mut rules, &fixed, &mut notes, d, macs, opts),
     }
     Ok(summarise(meta, base, scores, &rules, notes, macs, opts.target))
 }
@@ -321,13 +332,19 @@ pub fn error_upper_bound(n: usize, errors: usize, delta: f64) -> f64 {
     hi
 }
 
-fn precision(scores: &Scores, rules: &mut [Rule], notes: &mut [Option<String>], p: f64, opts: &Options) {
+fn precision(
+    scores: &Scores,
+    rules: &mut [Rule],
+    fixed: &[bool],
+    notes: &mut [Option<String>],
+    p: f64,
+    opts: &Options,
+) {
     let n = scores.len();
     let mut present = vec![true; n];
     for e in 0..rules.len() - 1 {
         let name = format!("E{}", e + 1);
-        if rules[e].threshold.is_none() {
-            notes[e] = Some("disabled in the starting policy; left so".into());
+        if fixed[e] {
             continue;
         }
         let mut cands: Vec<(f32, bool)> = (0..n)
@@ -362,12 +379,22 @@ fn precision(scores: &Scores, rules: &mut [Rule], notes: &mut [Option<String>], 
     }
 }
 
-fn classes_only(scores: &Scores, rules: &mut [Rule], notes: &mut [Option<String>], p: f64, opts: &Options) {
+fn classes_only(
+    scores: &Scores,
+    rules: &mut [Rule],
+    fixed: &[bool],
+    notes: &mut [Option<String>],
+    p: f64,
+    opts: &Options,
+) {
     let n = scores.len();
     let mut present = vec![true; n];
     for e in 0..rules.len() - 1 {
+        if fixed[e] {
+            continue;
+        }
         if rules[e].threshold.is_none() {
-            notes[e] = Some("disabled in the starting policy; left so".into());
+            notes[e] = Some("no threshold to keep (--classes-only keeps thresholds): nothing leaves".into());
             continue;
         }
         let k = rules[e].allowed.len();
@@ -412,6 +439,7 @@ const LEVELS: usize = 48;
 fn accuracy_drop(
     scores: &Scores,
     rules: &mut [Rule],
+    fixed: &[bool],
     notes: &mut [Option<String>],
     drop_points: f64,
     macs: Option<&[u64]>,
@@ -433,14 +461,14 @@ fn accuracy_drop(
         for i in 0..n {
             if let Some((h, Some(c))) = scores.exits[e][i] {
                 right[e][i] = c == scores.labels[i];
-                if rules[e].allowed[c as usize] {
+                if rules[e].allowed[c as usize] && !fixed[e] {
                     ent[e][i] = h;
                 }
             }
         }
     }
-    for i in 0..n {
-        right[early][i] = scores.last[i] == Some(scores.labels[i]);
+    for (i, r) in right[early].iter_mut().enumerate() {
+        *r = scores.last[i] == Some(scores.labels[i]);
     }
     let mut levels: Vec<Vec<f32>> = Vec::with_capacity(early);
     for e in 0..early {
@@ -507,7 +535,7 @@ fn accuracy_drop(
             None => break,
         }
     }
-    for e in 0..early {
+    for e in (0..early).filter(|&e| !fixed[e]) {
         rules[e].threshold = (at[e] > 0).then(|| levels[e][at[e]]);
         if at[e] == 0 && notes[e].is_none() {
             notes[e] = Some("no threshold saves compute within the allowance: disabled".into());
@@ -611,6 +639,164 @@ impl Calibration {
     }
 }
 
+/// A class-to-exit assignment: which classes each early exit owns (incrementally: an exit also
+/// answers every class of the exits before it, the paper's IC scheme), the calibration it gives,
+/// and its expected MACs per sample under the traffic prior.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Assignment {
+    /// Per early exit, the classes it adds.
+    pub new_classes: Vec<Vec<u32>>,
+    pub calibration: Calibration,
+    /// Expected MACs (or segments, without MACs) per sample under the prior.
+    pub expected_cost: f64,
+}
+
+impl Assignment {
+    /// The trainer's `--assign` string: exits separated by `;`, classes by `,` (`9;8;6;1;7;0`).
+    pub fn assign_string(&self) -> String {
+        self.new_classes
+            .iter()
+            .map(|c| c.iter().map(u32::to_string).collect::<Vec<_>>().join(","))
+            .collect::<Vec<_>>()
+            .join(";")
+    }
+}
+
+/// Parses an `--assign` string into the classes each early exit adds.
+pub fn parse_assignment(text: &str, early_exits: usize, num_classes: usize) -> Result<Vec<Vec<u32>>> {
+    let parts: Vec<&str> = text.split(';').collect();
+    if parts.len() > early_exits {
+        return Err(Error::Parse(format!(
+            "assignment `{text}` names {} exits; the model has {early_exits} early exits",
+            parts.len()
+        )));
+    }
+    let mut out = vec![Vec::new(); early_exits];
+    let mut seen = vec![false; num_classes];
+    for (e, part) in parts.iter().enumerate() {
+        for c in part.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+            let id: usize = c.parse().map_err(|_| {
+                Error::Parse(format!("assignment `{text}`: `{c}` is not a class id (expected e.g. 9;8;6 or 0,1;2)"))
+            })?;
+            if id >= num_classes || std::mem::replace(&mut seen[id], true) {
+                return Err(Error::Parse(format!(
+                    "assignment `{text}`: class {id} is not one of 0..{} or is given twice",
+                    num_classes - 1
+                )));
+            }
+            out[e].push(id as u32);
+        }
+    }
+    Ok(out)
+}
+
+/// The policy file that gates a plain-exit model by `new_classes` (incremental sets).
+pub fn gating_policy(meta: &ModelMeta, new_classes: &[Vec<u32>]) -> PolicyFile {
+    let mut so_far: Vec<ClassRef> = Vec::new();
+    let exits = new_classes
+        .iter()
+        .enumerate()
+        .map(|(e, add)| {
+            so_far.extend(add.iter().map(|&c| ClassRef::Id(c as usize)));
+            ExitPolicy { name: meta.exits[e].name.clone(), classes: Some(so_far.clone()), ..Default::default() }
+        })
+        .collect();
+    PolicyFile { version: 0, exits }
+}
+
+/// Evaluates one assignment: gates, calibrates for the precision target, weighs the cost by
+/// the prior (share of traffic per class).
+pub fn evaluate_assignment(
+    meta: &ModelMeta,
+    scores: &Scores,
+    macs: Option<&[u64]>,
+    prior: &[f64],
+    new_classes: &[Vec<u32>],
+    opts: &Options,
+) -> Result<Assignment> {
+    let policy = Policy::resolve(meta, &gating_policy(meta, new_classes))?;
+    let cal = calibrate(meta, &policy, &[], scores, macs, opts)?;
+    let m = cal.exits.len();
+    let cost: Vec<f64> = match macs {
+        Some(per) => per.iter().scan(0u64, |s, &x| Some(std::mem::replace(s, *s + x) + x)).map(|c| c as f64).collect(),
+        None => (1..=m).map(|c| c as f64).collect(),
+    };
+    let mut expected = 0.0;
+    for (c, row) in cal.class_exits.iter().enumerate() {
+        let n: usize = row.iter().sum();
+        if n > 0 && prior[c] > 0.0 {
+            expected += prior[c] * row.iter().zip(&cost).map(|(&k, &x)| k as f64 * x).sum::<f64>() / n as f64;
+        }
+    }
+    Ok(Assignment { new_classes: new_classes.to_vec(), calibration: cal, expected_cost: expected })
+}
+
+/// Searches a class-to-exit assignment for a plain-exit model (BranchyNet: every exit trained
+/// on every class) that minimises the expected MACs per sample under `prior` (class shares,
+/// summing to 1) with every exit calibrated to the precision target. Greedy: from no class
+/// assigned, each step moves the one class to the one exit (or to none) that lowers the
+/// expected cost most, until no move does.
+pub fn assign(
+    meta: &ModelMeta,
+    scores: &Scores,
+    macs: Option<&[u64]>,
+    prior: &[f64],
+    opts: &Options,
+) -> Result<Assignment> {
+    if !matches!(opts.target, Target::Precision(_)) || opts.classes_only {
+        return Err(Error::Parse("assigning classes to exits takes a precision target".into()));
+    }
+    let k = meta.num_classes();
+    if prior.len() != k || prior.iter().any(|p| !(p.is_finite() && *p >= 0.0)) || prior.iter().sum::<f64>() <= 0.0 {
+        return Err(Error::Parse(format!("the traffic prior needs {k} non-negative shares, not all zero")));
+    }
+    if let Some(e) = meta.exits[..meta.exits.len() - 1].iter().find(|e| e.bag) {
+        return Err(Error::Parse(format!(
+            "exit {} is a bag-of-classes exit trained for its classes; assigning classes needs a model whose early \
+             exits answer every class (mode bn, BranchyNet)",
+            e.name
+        )));
+    }
+    let total: f64 = prior.iter().sum();
+    let prior: Vec<f64> = prior.iter().map(|p| p / total).collect();
+    let early = meta.exits.len() - 1;
+    let mut at: Vec<Option<usize>> = vec![None; k]; // the exit that owns each class
+    let sets = |at: &[Option<usize>]| -> Vec<Vec<u32>> {
+        let mut v = vec![Vec::new(); early];
+        for (c, e) in at.iter().enumerate() {
+            if let Some(e) = e {
+                v[*e].push(c as u32);
+            }
+        }
+        v
+    };
+    let mut best = evaluate_assignment(meta, scores, macs, &prior, &sets(&at), opts)?;
+    loop {
+        let mut step: Option<(Assignment, usize, Option<usize>)> = None;
+        for c in 0..k {
+            for option in std::iter::once(None).chain((0..early).map(Some)) {
+                if option == at[c] {
+                    continue;
+                }
+                let was = std::mem::replace(&mut at[c], option);
+                let a = evaluate_assignment(meta, scores, macs, &prior, &sets(&at), opts)?;
+                at[c] = was;
+                let bar = step.as_ref().map_or(best.expected_cost, |s| s.0.expected_cost);
+                if a.expected_cost < bar * (1.0 - 1e-9) {
+                    step = Some((a, c, option));
+                }
+            }
+        }
+        match step {
+            Some((a, c, option)) => {
+                at[c] = option;
+                best = a;
+            }
+            None => return Ok(best),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -645,7 +831,7 @@ mod tests {
         let a = 0.3f32;
         let b = f32::from_bits(a.to_bits() + 1);
         let t = threshold_for(&[(a, true), (b, true)], 1);
-        assert!(a < t && !(b < t));
+        assert!(a < t && b >= t, "the rule is entropy < T: a leaves, b does not");
         // Equal entropies are never split.
         assert_eq!(largest_precise(&c, 0.9, None), Some(1));
         assert_eq!(largest_precise(&c, 0.7, None), Some(4));
@@ -692,7 +878,7 @@ mod synthetic {
 
     fn run(opts: Options) -> Calibration {
         let m = tiny3();
-        calibrate(&m.meta, &Policy::defaults(&m.meta), &scores(), None, &opts).unwrap()
+        calibrate(&m.meta, &Policy::defaults(&m.meta), &[], &scores(), None, &opts).unwrap()
     }
 
     #[test]
@@ -776,5 +962,71 @@ mod synthetic {
         let p = Policy::resolve(&m.meta, &back).unwrap();
         assert_eq!(p.version, 7);
         assert_eq!(p.rules[0].threshold, c.exits[0].threshold, "the f32 threshold survives the text");
+    }
+}
+
+#[cfg(test)]
+mod assignment {
+    use super::*;
+    use crate::model::tests::fixture;
+    use crate::model::Model;
+
+    fn plain() -> Model {
+        let cuts = vec!["cut1".to_string(), "cut2".to_string()];
+        Model::load_plain(&fixture("tiny3-plain.onnx"), &cuts, &["exit1", "exit2", "exit3"].map(String::from)).unwrap()
+    }
+
+    /// 4 classes, 50 samples each, on tiny3-plain's 3 exits. Class 0 is predicted right and
+    /// surely at E1 and E2. Class 1 is predicted as 1 at both early exits, but so is class 3,
+    /// so "1" is right half the time there: only the last exit can answer it. Class 2 is
+    /// predicted as 3 early (wrong). The last exit answers everything right.
+    fn scores() -> Scores {
+        let mut s = Scores::default();
+        for i in 0..200u32 {
+            let y = i % 4;
+            let early = match y {
+                0 => Some((0.1, Some(0))),
+                1 | 3 => Some((0.2, Some(1))),
+                _ => Some((0.3, Some(3))),
+            };
+            s.labels.push(y);
+            s.last.push(Some(y));
+            if s.exits.is_empty() {
+                s.exits = vec![Vec::new(); 3];
+            }
+            s.exits[0].push(early);
+            s.exits[1].push(early);
+            s.exits[2].push(Some((0.1, Some(y))));
+        }
+        s
+    }
+
+    #[test]
+    fn the_separable_class_goes_to_the_first_exit_and_the_others_to_none() {
+        let m = plain();
+        let opts = Options { target: Target::Precision(0.95), ..Options::default() };
+        let a = assign(&m.meta, &scores(), Some(&[10, 20, 40]), &[0.25; 4], &opts).unwrap();
+        assert_eq!(a.new_classes, vec![vec![0], vec![]]);
+        assert_eq!(a.assign_string(), "0;");
+        // Class 0 leaves at E1 (cost 10); the rest at E3 (cost 70): 0.25 * 10 + 0.75 * 70.
+        assert!((a.expected_cost - 55.0).abs() < 1e-9, "{}", a.expected_cost);
+        assert_eq!(a.calibration.class_exits[1], vec![0, 0, 50]);
+        // A prior with no class-0 traffic finds nothing worth assigning.
+        let none = assign(&m.meta, &scores(), Some(&[10, 20, 40]), &[0.0, 0.5, 0.25, 0.25], &opts).unwrap();
+        assert_eq!(none.expected_cost, 70.0);
+        // The paper's kind of fixed assignment, evaluated the same way, for comparison.
+        let fixed =
+            evaluate_assignment(&m.meta, &scores(), Some(&[10, 20, 40]), &[0.25; 4], &[vec![1], vec![0]], &opts)
+                .unwrap();
+        assert!(fixed.expected_cost > a.expected_cost);
+        assert_eq!(parse_assignment("1;0", 2, 4).unwrap(), vec![vec![1], vec![0]]);
+        assert!(parse_assignment("1;1", 2, 4).unwrap_err().to_string().contains("given twice"));
+    }
+
+    #[test]
+    fn bag_exits_cannot_be_reassigned() {
+        let m = crate::model::tests::tiny3();
+        let e = assign(&m.meta, &Scores::default(), None, &[0.25; 4], &Options::default()).unwrap_err().to_string();
+        assert!(e.contains("bag-of-classes exit") && e.contains("BranchyNet"), "{e}");
     }
 }
