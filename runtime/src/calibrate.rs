@@ -288,17 +288,31 @@ fn largest_precise(cands: &[(f32, bool)], p: f64, confidence: Option<f64>) -> Op
         if k < cands.len() && cands[k].0 <= cands[k - 1].0 {
             continue; // a threshold cannot separate equal entropies
         }
-        let ok = match confidence {
-            None => right as f64 >= p * k as f64 - 1e-9,
-            Some(level) => 1.0 - error_upper_bound(k, k - right, 1.0 - level) >= p - 1e-12,
-        };
-        if ok {
+        if meets(right, k, p, confidence) {
             best = Some(k);
         } else if confidence.is_some() {
             break;
         }
     }
     best
+}
+
+/// Whether `right` of `n` samples meet precision `p`: observed, or with a confidence level, by
+/// the Clopper-Pearson upper bound on the error.
+fn meets(right: usize, n: usize, p: f64, confidence: Option<f64>) -> bool {
+    match confidence {
+        None => right as f64 >= p * n as f64 - 1e-9,
+        Some(level) => 1.0 - error_upper_bound(n, n - right, 1.0 - level) >= p - 1e-12,
+    }
+}
+
+/// Cost of answering at each exit: MACs per sample up to it, or, without MACs, its number of
+/// segments.
+fn cumulative_cost(macs: Option<&[u64]>, exits: usize) -> Vec<f64> {
+    match macs {
+        Some(per) => per.iter().scan(0u64, |s, &x| Some(std::mem::replace(s, *s + x) + x)).map(|c| c as f64).collect(),
+        None => (1..=exits).map(|c| c as f64).collect(),
+    }
 }
 
 /// Clopper-Pearson upper bound at level `1 - delta` on an error rate seen as `errors` of `n`:
@@ -332,6 +346,26 @@ pub fn error_upper_bound(n: usize, errors: usize, delta: f64) -> f64 {
     hi
 }
 
+/// Walks the early exits in order, letting `choose` set each exit's rule (and note) from the
+/// samples still present, then takes the samples that leave there out of the rest.
+fn exit_by_exit(
+    scores: &Scores,
+    rules: &mut [Rule],
+    fixed: &[bool],
+    notes: &mut [Option<String>],
+    mut choose: impl FnMut(usize, &[bool], &mut Rule, &mut Option<String>),
+) {
+    let mut present = vec![true; scores.len()];
+    for e in (0..rules.len() - 1).filter(|&e| !fixed[e]) {
+        choose(e, &present, &mut rules[e], &mut notes[e]);
+        for (i, here) in present.iter_mut().enumerate() {
+            if *here && leaves(scores, e, i, &rules[e]) {
+                *here = false;
+            }
+        }
+    }
+}
+
 fn precision(
     scores: &Scores,
     rules: &mut [Rule],
@@ -341,21 +375,17 @@ fn precision(
     opts: &Options,
 ) {
     let n = scores.len();
-    let mut present = vec![true; n];
-    for e in 0..rules.len() - 1 {
+    exit_by_exit(scores, rules, fixed, notes, |e, present, rule, note| {
         let name = format!("E{}", e + 1);
-        if fixed[e] {
-            continue;
-        }
         let mut cands: Vec<(f32, bool)> = (0..n)
             .filter(|&i| present[i])
             .filter_map(|i| match scores.exits[e][i] {
-                Some((h, Some(c))) if rules[e].allowed[c as usize] => Some((h, c == scores.labels[i])),
+                Some((h, Some(c))) if rule.allowed[c as usize] => Some((h, c == scores.labels[i])),
                 _ => None,
             })
             .collect();
         if cands.len() < opts.min_support {
-            notes[e] = Some(format!(
+            *note = Some(format!(
                 "only {} eligible samples reach {name} (--min-support {}): threshold kept",
                 cands.len(),
                 opts.min_support
@@ -363,20 +393,15 @@ fn precision(
         } else {
             cands.sort_by(|a, b| a.0.total_cmp(&b.0));
             match largest_precise(&cands, p, opts.confidence) {
-                Some(k) => rules[e].threshold = Some(threshold_for(&cands, k)),
+                Some(k) => rule.threshold = Some(threshold_for(&cands, k)),
                 None => {
-                    rules[e].threshold = None;
-                    notes[e] =
+                    rule.threshold = None;
+                    *note =
                         Some(format!("no threshold reaches the target on {} eligible samples: disabled", cands.len()));
                 }
             }
         }
-        for (i, here) in present.iter_mut().enumerate() {
-            if *here && leaves(scores, e, i, &rules[e]) {
-                *here = false;
-            }
-        }
-    }
+    });
 }
 
 fn classes_only(
@@ -388,18 +413,14 @@ fn classes_only(
     opts: &Options,
 ) {
     let n = scores.len();
-    let mut present = vec![true; n];
-    for e in 0..rules.len() - 1 {
-        if fixed[e] {
-            continue;
+    exit_by_exit(scores, rules, fixed, notes, |e, present, rule, note| {
+        if rule.threshold.is_none() {
+            *note = Some("no threshold to keep (--classes-only keeps thresholds): nothing leaves".into());
+            return;
         }
-        if rules[e].threshold.is_none() {
-            notes[e] = Some("no threshold to keep (--classes-only keeps thresholds): nothing leaves".into());
-            continue;
-        }
-        let k = rules[e].allowed.len();
+        let k = rule.allowed.len();
         let (mut out, mut right) = (vec![0usize; k], vec![0usize; k]);
-        for i in (0..n).filter(|&i| present[i] && leaves(scores, e, i, &rules[e])) {
+        for i in (0..n).filter(|&i| present[i] && leaves(scores, e, i, rule)) {
             let (_, c) = scores.exits[e][i].expect("a sample that leaves has finite logits");
             let c = c.expect("a sample that leaves has a real class") as usize;
             out[c] += 1;
@@ -407,29 +428,20 @@ fn classes_only(
         }
         let mut few = Vec::new();
         for c in 0..k {
-            if !rules[e].allowed[c] || out[c] == 0 {
+            if !rule.allowed[c] || out[c] == 0 {
                 continue;
             }
             if out[c] < opts.min_support {
                 few.push(c);
-                continue;
+            } else {
+                rule.allowed[c] = meets(right[c], out[c], p, opts.confidence);
             }
-            let ok = match opts.confidence {
-                None => right[c] as f64 >= p * out[c] as f64 - 1e-9,
-                Some(level) => 1.0 - error_upper_bound(out[c], out[c] - right[c], 1.0 - level) >= p - 1e-12,
-            };
-            rules[e].allowed[c] = ok;
         }
         if !few.is_empty() {
-            notes[e] =
+            *note =
                 Some(format!("classes {few:?} leave on fewer than --min-support {} samples: kept", opts.min_support));
         }
-        for (i, here) in present.iter_mut().enumerate() {
-            if *here && leaves(scores, e, i, &rules[e]) {
-                *here = false;
-            }
-        }
-    }
+    });
 }
 
 /// Candidate thresholds of early exit `e`: up to `LEVELS` quantiles of the entropies of the
@@ -449,10 +461,7 @@ fn accuracy_drop(
     let m = rules.len();
     let early = m - 1;
     // Cost of leaving at each exit: MACs to there, or segments when they cannot be counted.
-    let cost: Vec<f64> = match macs {
-        Some(per) => per.iter().scan(0u64, |s, &x| Some(std::mem::replace(s, *s + x) + x)).map(|c| c as f64).collect(),
-        None => (1..=m).map(|c| c as f64).collect(),
-    };
+    let cost = cumulative_cost(macs, m);
     // Per exit, per sample: the entropy when the sample may leave there (else infinity), and
     // whether the answer is right.
     let mut ent = vec![vec![f32::INFINITY; n]; m];
@@ -555,10 +564,7 @@ fn summarise(
     let n = scores.len();
     let m = rules.len();
     let k = meta.num_classes();
-    let cost: Vec<f64> = match macs {
-        Some(per) => per.iter().scan(0u64, |s, &x| Some(std::mem::replace(s, *s + x) + x)).map(|c| c as f64).collect(),
-        None => (1..=m).map(|c| c as f64).collect(),
-    };
+    let cost = cumulative_cost(macs, m);
     let mut res: Vec<ExitResult> = base
         .rules
         .iter()
@@ -717,10 +723,7 @@ pub fn evaluate_assignment(
     let policy = Policy::resolve(meta, &gating_policy(meta, new_classes))?;
     let cal = calibrate(meta, &policy, &[], scores, macs, opts)?;
     let m = cal.exits.len();
-    let cost: Vec<f64> = match macs {
-        Some(per) => per.iter().scan(0u64, |s, &x| Some(std::mem::replace(s, *s + x) + x)).map(|c| c as f64).collect(),
-        None => (1..=m).map(|c| c as f64).collect(),
-    };
+    let cost = cumulative_cost(macs, m);
     let mut expected = 0.0;
     for (c, row) in cal.class_exits.iter().enumerate() {
         let n: usize = row.iter().sum();
