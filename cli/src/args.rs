@@ -49,6 +49,11 @@ pub struct DataArgs {
     /// Use only the first N samples.
     #[arg(long, value_name = "N")]
     pub limit: Option<usize>,
+    /// Use only these samples of --dataset, in this order: a JSON file with an `indices` list
+    /// (the `validation.json` a `classynet-train` run writes for its held-out split) or a JSON
+    /// list. Applied before --limit.
+    #[arg(long, value_name = "FILE")]
+    pub samples: Option<PathBuf>,
     /// Samples per batch.
     #[arg(long, default_value_t = 16)]
     pub batch: usize,
@@ -60,8 +65,36 @@ impl DataArgs {
         if self.batch == 0 {
             return Err(Error::Parse("--batch must be at least 1".into()));
         }
-        Dataset::open_for(&self.dataset, self.data_dir.as_deref(), self.limit, m)
+        let Some(path) = &self.samples else {
+            return Dataset::open_for(&self.dataset, self.data_dir.as_deref(), self.limit, m);
+        };
+        let all = Dataset::open_for(&self.dataset, self.data_dir.as_deref(), None, m)?;
+        let mut idx = read_indices(path, all.len())?;
+        if let Some(n) = self.limit {
+            idx.truncate(n);
+        }
+        Ok(all.select(&idx))
     }
+}
+
+/// Indices from a `validation.json` (`{"indices": [...]}`) or a plain JSON list.
+fn read_indices(path: &Path, len: usize) -> Result<Vec<usize>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::Parse(format!("{}: not JSON ({e})", path.display())))?;
+    let list = v.get("indices").unwrap_or(&v).as_array().ok_or_else(|| {
+        Error::Parse(format!("{}: expected a JSON list of sample indices or an object with `indices`", path.display()))
+    })?;
+    list.iter()
+        .map(|x| match x.as_u64() {
+            Some(i) if (i as usize) < len => Ok(i as usize),
+            _ => Err(Error::Parse(format!(
+                "{}: {x} is not a sample index of the dataset (0..{})",
+                path.display(),
+                len.saturating_sub(1)
+            ))),
+        })
+        .collect()
 }
 
 pub fn print_json(v: &serde_json::Value) {

@@ -37,10 +37,6 @@ pub struct CalibrateArgs {
     /// MACs.
     #[arg(long, default_value = "precision=0.99", value_name = "precision=P|accuracy-drop=D")]
     pub target: String,
-    /// Calibrate on these samples of --dataset only: a JSON file with an `indices` list (the
-    /// `validation.json` a `classynet-train` run writes, for its held-out split) or a JSON list.
-    #[arg(long, value_name = "FILE")]
-    pub samples: Option<PathBuf>,
     /// Policy to start from (class sets, disabled exits); its thresholds are replaced. Default:
     /// the model's own. For a plain early-exit model this is where class gating is given.
     #[arg(long, value_name = "FILE")]
@@ -71,11 +67,7 @@ pub fn run(a: &CalibrateArgs, engine: Arc<dyn Engine>) -> Result<()> {
     if !m.starts_at_input() || m.present.end != m.num_exits() {
         return Err(Error::Partition(format!("{} is a partition file; calibrate the full model", m.origin)));
     }
-    let mut ds = a.data.open(&m)?;
-    if let Some(path) = &a.samples {
-        let idx = read_indices(path, ds.len())?;
-        ds = ds.select(&idx);
-    }
+    let ds = a.data.open(&m)?;
     if ds.is_empty() {
         return Err(Error::Parse("no samples to calibrate on".into()));
     }
@@ -106,7 +98,7 @@ pub fn run(a: &CalibrateArgs, engine: Arc<dyn Engine>) -> Result<()> {
     let chosen = t.elapsed();
     let file = cal.policy_file(&m.meta, a.policy_version);
     if let Some(out) = &a.out {
-        write_policy(out, &file, &cal, &m, &ds.name, a.samples.as_deref())?;
+        write_policy(out, &file, &cal, &m, &ds.name, a.data.samples.as_deref())?;
     }
     if a.model.json {
         print_json(&report_json(&cal, &m, &ds.name, a, scored.as_secs_f64(), chosen.as_secs_f64()));
@@ -121,26 +113,6 @@ pub fn run(a: &CalibrateArgs, engine: Arc<dyn Engine>) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// Indices from a `validation.json` (`{"indices": [...]}`) or a plain JSON list.
-fn read_indices(path: &Path, len: usize) -> Result<Vec<usize>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::Parse(format!("{}: not JSON ({e})", path.display())))?;
-    let list = v.get("indices").unwrap_or(&v).as_array().ok_or_else(|| {
-        Error::Parse(format!("{}: expected a JSON list of sample indices or an object with `indices`", path.display()))
-    })?;
-    list.iter()
-        .map(|x| match x.as_u64() {
-            Some(i) if (i as usize) < len => Ok(i as usize),
-            _ => Err(Error::Parse(format!(
-                "{}: {x} is not a sample index of the dataset (0..{})",
-                path.display(),
-                len.saturating_sub(1)
-            ))),
-        })
-        .collect()
 }
 
 /// Runs the whole graph over the data and scores every exit's logits with the exit rules.
@@ -331,9 +303,6 @@ pub struct AssignArgs {
     /// Precision every early exit is calibrated to, for every assignment tried.
     #[arg(long, default_value = "precision=0.99", value_name = "precision=P")]
     pub target: String,
-    /// Assign on these samples of --dataset only (a `validation.json` or a JSON list of indices).
-    #[arg(long, value_name = "FILE")]
-    pub samples: Option<PathBuf>,
     /// Share of the traffic per class: `uniform`, or one number per class, comma-separated
     /// (normalised), e.g. a camera that mostly sees class 0.
     #[arg(long, default_value = "uniform", value_name = "uniform|S0,S1,..")]
@@ -360,11 +329,7 @@ pub fn run_assign(a: &AssignArgs, engine: Arc<dyn Engine>) -> Result<()> {
     if !m.starts_at_input() || m.present.end != m.num_exits() {
         return Err(Error::Partition(format!("{} is a partition file; assign classes on the full model", m.origin)));
     }
-    let mut ds = a.data.open(&m)?;
-    if let Some(path) = &a.samples {
-        let idx = read_indices(path, ds.len())?;
-        ds = ds.select(&idx);
-    }
+    let ds = a.data.open(&m)?;
     let k = m.meta.num_classes();
     let prior: Vec<f64> = if a.prior.trim() == "uniform" {
         vec![1.0; k]
@@ -404,7 +369,7 @@ pub fn run_assign(a: &AssignArgs, engine: Arc<dyn Engine>) -> Result<()> {
         for (e, g) in file.exits.iter_mut().zip(gating.exits) {
             e.classes = g.classes;
         }
-        write_policy(out, &file, &best.calibration, &m, &ds.name, a.samples.as_deref())?;
+        write_policy(out, &file, &best.calibration, &m, &ds.name, a.data.samples.as_deref())?;
     }
     let unit = if macs.is_some() { "M MACs" } else { "segments" };
     let scale = if macs.is_some() { 1e6 } else { 1.0 };

@@ -38,6 +38,7 @@ pub fn run(a: &VerifyArgs, engine: Arc<dyn Engine>) -> Result<ExitCode> {
         data_dir: a.data.data_dir.clone(),
         limit: a.data.limit.or(Some(256)),
         batch: a.data.batch,
+        samples: a.data.samples.clone(),
     };
     if data.batch == 16 {
         data.batch = 64;
