@@ -73,6 +73,19 @@ def classynet_run(bins: Bins, model: Path, dataset: str, batch: int, threads: in
     return run_json(cmd, bins.env(), timeout, f"classynet run of {model.name} on {dataset}")
 
 
+def classynet_calibrate(bins: Bins, model: Path, dataset: str, samples: Path, target: str, out: Path,
+                        policy: Path | None = None, data_dir: Path | None = None, timeout: float = 3600) -> dict:
+    """`classynet calibrate` on `samples` of `dataset`, writing the policy to `out`; its JSON report."""
+    cmd = [bins.path("classynet"), "calibrate", "--model", str(model), "--dataset", dataset, "--samples",
+           str(samples), "--target", target, "--batch", "64", "--out", str(out), "--json"]
+    if policy:
+        cmd += ["--policy", str(policy)]
+    if data_dir:
+        cmd += ["--data-dir", str(data_dir)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return run_json(cmd, bins.env(), timeout, f"classynet calibrate of {model.name}")
+
+
 class Service:
     """A long-running binary that prints `... listening on ADDR` once ready; stopped with SIGTERM."""
 

@@ -234,6 +234,17 @@ def write(out: Path, res: dict) -> Path:
                 for k, v in meta["models"].items()], align="llll"))
     w("`BN + gating` is beyond the paper: the BranchyNet model with its plain exits restricted by a runtime "
       "policy ([`policies/bn-gated.json`](policies/bn-gated.json)) to the same priority classes, no retraining.\n")
+    cal = res.get("calibration")
+    if cal and cal.get("skipped"):
+        w(f"Thresholds: not calibrated ({cal['skipped']}).\n")
+    elif cal:
+        done = {k: v for k, v in cal["models"].items() if "thresholds" in v}
+        w(f"Thresholds: every model with early exits calibrated with `classynet calibrate --target {cal['target']}` "
+          f"on the {next(iter(done.values()))['samples'] if done else 0} held-out training images of "
+          f"`{cal['split']}` before anything was measured, so the models are compared at the same precision: " +
+          "; ".join(f"{LABELS[k]} [" + ", ".join("off" if t is None else f"{t:.3g}" for t in v["thresholds"]) + "]"
+                    for k, v in done.items()) +
+          "".join(f"; {LABELS[k]}: {v['skipped']}" for k, v in cal["models"].items() if "skipped" in v) + ".\n")
 
     # 1
     rows, st = efficiency_rows(res)

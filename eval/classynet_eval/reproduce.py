@@ -28,12 +28,14 @@ import numpy as np
 from classynet_models import idx
 
 from . import netlink
-from .binaries import Bins, EvalError, classynet_run, cloud_server, edge_classify, plan
+from .binaries import Bins, EvalError, classynet_calibrate, classynet_run, cloud_server, edge_classify, plan
 from .composition import composition, write_npz
 from .macs import model_exit_costs
 
 ROOT = Path(__file__).resolve().parents[2]
 ZOO = ROOT / "models" / "zoo"
+# The training images the zoo's models held out (the trainer's validation.json of their runs).
+VALIDATION = ZOO / "validation.json"
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 PAPER_ASSIGNMENT = [9, 8, 6, 1, 7, 0]  # classes prioritised at exits E1..E6 (paper, section VI-A)
 BUDGETS = ["470kB", "2.31MB", "5.54MB", "28.5MB", "112MB"]
@@ -65,6 +67,9 @@ class Settings:
     threads_latency: int = 1
     threads_throughput: int = 2
     network: bool = True
+    # Every model with early exits is calibrated to this target on the zoo's validation split
+    # (models/zoo/validation.json) before anything is measured; "none" runs the typed thresholds.
+    calibrate: str = "precision=0.99"
 
     @staticmethod
     def make(quick: bool) -> "Settings":
@@ -204,6 +209,43 @@ class Study:
             meta = json.loads(_meta(v.file))
             self.costs[k] = model_exit_costs(v.file, exit_enabled(meta["exits"]))
         self.results: dict = {}
+        self.data_dir = data_dir
+
+    def calibrate(self) -> dict:
+        """Calibrates every model with early exits (and BN's gated variant, with its gating) to
+        one target on the zoo's validation split, so that BranchyNet and ClassyNet are compared
+        at the same precision rather than at thresholds someone typed. A model trained without
+        the split keeps its typed thresholds, and the report says so."""
+        split = str(VALIDATION.relative_to(ROOT)) if VALIDATION.is_relative_to(ROOT) else str(VALIDATION)
+        info: dict = {"target": self.s.calibrate, "split": split, "models": {}}
+        self.results["calibration"] = info
+        if self.s.calibrate == "none":
+            info["skipped"] = "--calibrate none: every model runs its typed thresholds"
+            return info
+        if not VALIDATION.is_file():
+            info["skipped"] = (f"{split} is missing: the zoo predates the validation split, "
+                               "so every model runs its typed thresholds")
+            say(f"calibration skipped: {info['skipped']}")
+            return info
+        for k, v in self.variants.items():
+            training = json.loads(_meta(v.file)).get("training", {})
+            if k == "base":
+                continue
+            if training.get("validation") in (None, "0"):
+                info["models"][k] = {"skipped": "trained on the whole training split: typed thresholds kept"}
+                continue
+            policy = self.out / "policies" / f"{k}-calibrated.toml"
+            r = classynet_calibrate(self.bins, v.file, "fashion-mnist:train", VALIDATION, self.s.calibrate, policy,
+                                    v.policy, self.data_dir)
+            v.policy = policy
+            thresholds = [e["threshold"] for e in r["exits"][:-1]]
+            # A disabled exit's branch is not run: the MACs follow the calibrated policy.
+            self.costs[k] = model_exit_costs(v.file, [t is not None for t in thresholds] + [True])
+            info["models"][k] = {"thresholds": thresholds, "samples": r["samples"], "accuracy": r["accuracy"],
+                                 "exit_counts": [e["count"] for e in r["exits"]],
+                                 "notes": [e["note"] for e in r["exits"] if e.get("note")]}
+            say(f"calibrated {v.label}: thresholds {thresholds}")
+        return info
 
     def save(self, name: str, obj: dict) -> dict:
         (self.runs / f"{name}.json").write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
@@ -392,6 +434,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="how the delay is made: netem where the kernel has it (auto), or link-relay")
     ap.add_argument("--no-network", action="store_true", help="skip part 5 (the namespaces need root)")
     ap.add_argument("--seed", type=int, default=0, help="seed of every sampled test set (default 0)")
+    ap.add_argument("--calibrate", default="precision=0.99",
+                    help="calibrate every model with early exits to this `classynet calibrate --target` on the "
+                         "zoo's validation split before measuring (default precision=0.99), or none")
     ap.add_argument("--render-only", action="store_true",
                     help="rewrite README.md and the plots from the report folder's results.json, running nothing")
     a = ap.parse_args(argv)
@@ -408,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
 
     s = Settings.make(a.quick)
     s.seed = a.seed
+    s.calibrate = a.calibrate.strip()
     s.delay_by = a.link_delay
     for name in ("net_samples", "rate_mbit", "delay_ms"):
         if getattr(a, name) is not None:
@@ -444,6 +490,7 @@ def _run(s: Settings, bins: Bins, out: Path, data_dir: Path, work: Path, links: 
     from . import report
 
     study = Study(s, bins, out, data_dir, work)
+    study.calibrate()
     study.partitions()
     jobs = study.network_jobs(links)
     n_models = len(study.variants)
