@@ -63,6 +63,8 @@ pub struct CalibrateArgs {
 
 pub fn run(a: &CalibrateArgs, engine: Arc<dyn Engine>) -> Result<()> {
     let target: Target = a.target.parse()?;
+    let opts = Options { target, min_support: a.min_support, confidence: a.confidence, classes_only: a.classes_only };
+    opts.check()?;
     let m = a.model.load()?;
     if !m.starts_at_input() || m.present.end != m.num_exits() {
         return Err(Error::Partition(format!("{} is a partition file; calibrate the full model", m.origin)));
@@ -80,8 +82,6 @@ pub fn run(a: &CalibrateArgs, engine: Arc<dyn Engine>) -> Result<()> {
         }
         None => Vec::new(),
     };
-    let opts = Options { target, min_support: a.min_support, confidence: a.confidence, classes_only: a.classes_only };
-
     let start = Instant::now();
     let scores = score(&m, &ds, &base, &engine, a.data.batch)?;
     let scored = start.elapsed();

@@ -80,6 +80,24 @@ pub struct Options {
     pub classes_only: bool,
 }
 
+impl Options {
+    /// Refuses combinations that cannot work, before any sample is scored.
+    pub fn check(&self) -> Result<()> {
+        if let Some(c) = self.confidence {
+            if !(c > 0.0 && c < 1.0) {
+                return Err(Error::Parse(format!("--confidence {c}: expected a level between 0 and 1, e.g. 0.95")));
+            }
+            if !matches!(self.target, Target::Precision(_)) {
+                return Err(Error::Parse("--confidence goes with a precision target".into()));
+            }
+        }
+        if self.classes_only && !matches!(self.target, Target::Precision(_)) {
+            return Err(Error::Parse("--classes-only goes with a precision target".into()));
+        }
+        Ok(())
+    }
+}
+
 impl Default for Options {
     fn default() -> Options {
         Options { target: Target::Precision(0.99), min_support: 30, confidence: None, classes_only: false }
@@ -209,14 +227,7 @@ pub fn calibrate(
     if scores.exits.len() != m {
         return Err(Error::Parse(format!("scores for {} exits, the model has {m}", scores.exits.len())));
     }
-    if let Some(c) = opts.confidence {
-        if !(c > 0.0 && c < 1.0) {
-            return Err(Error::Parse(format!("--confidence {c}: expected a level between 0 and 1, e.g. 0.95")));
-        }
-        if !matches!(opts.target, Target::Precision(_)) {
-            return Err(Error::Parse("--confidence goes with a precision target".into()));
-        }
-    }
+    opts.check()?;
     let k = meta.num_classes();
     if let Some(&bad) = scores.labels.iter().find(|&&y| y as usize >= k) {
         return Err(Error::Parse(format!("label {bad} is not a class of this model (it has {k})")));
@@ -231,10 +242,7 @@ pub fn calibrate(
     match (opts.target, opts.classes_only) {
         (Target::Precision(p), false) => precision(scores, &mut rules, &fixed, &mut notes, p, opts),
         (Target::Precision(p), true) => classes_only(scores, &mut rules, &fixed, &mut notes, p, opts),
-        (Target::AccuracyDrop(_), true) => {
-            return Err(Error::Parse("--classes-only goes with a precision target".into()));
-        }
-        (Target::AccuracyDrop(d), false) => accuracy_drop(scores, &mut rules, &fixed, &mut notes, d, macs, opts),
+        (Target::AccuracyDrop(d), _) => accuracy_drop(scores, &mut rules, &fixed, &mut notes, d, macs, opts),
     }
     Ok(summarise(meta, base, scores, &rules, notes, macs, opts.target))
 }
