@@ -134,31 +134,49 @@ def short_recipe(c: dict) -> str:
     return f"{c['epochs']} frozen + {c.get('finetune_epochs') or 0} fine-tuning epochs from base"
 
 
+def intro(cards: list[dict]) -> list[str]:
+    """What the zoo's models were trained on and how: the from-base recipe when any card has it."""
+    if any(c.get("init_from") for c in cards):
+        return [
+            "Trained on Fashion-MNIST (Debian package `dataset-fashion-mnist`): 55,000 training images, with",
+            "5,000 more held out as a validation split (`validation.json` of the runs: the same split, seed 0,",
+            "for every ResNet-110), and evaluated on the 10,000 test images. Every model is one ONNX file in the",
+            "runtime's format (docs/model-format.md) with a card (`NAME.card.md`, `NAME.card.json`): per-exit",
+            "accuracy, the exit distribution per class, training time and hardware.",
+            "",
+            "The recipe (from base): `base` trains the whole ResNet-110 for 6 epochs (seed 0, batch 128, Adam",
+            "lr 0.001, cosine decay, bfloat16 autocast). `bn`, `cn` and `cn+c` start from it (`--init-from`): its",
+            "backbone and classifier stay frozen while the exits train, then the whole network is fine-tuned at",
+            "a tenth of the learning rate (epochs on each card). They use the paper's 7-exit assignment (classes",
+            "9, 8, 6, 1, 7, 0 to exits 1-6, IC scheme) and exit weights [0.2, 0.2, 0.2, 0.1, 0.1, 0.1, 0.1]. The",
+            "export calibrates every exit's threshold on the validation split (`classynet calibrate --target",
+            "precision=0.99`); the typed thresholds and their results are on each card. The table's figures are",
+            "at the thresholds in the model. reports/zoo-recipes compares this recipe with training from scratch.",
+        ]
+    return [
+        "Trained on the Fashion-MNIST training set (60,000 images, Debian package `dataset-fashion-mnist`),",
+        "evaluated on its 10,000 test images. Every model is one ONNX file in the runtime's format",
+        "(docs/model-format.md) with a card (`NAME.card.md`, `NAME.card.json`): per-exit accuracy, the exit",
+        "distribution per class at the default thresholds, training time and hardware.",
+        "",
+        "The ResNet-110 variants share the budget and the seed: 6 epochs, seed 0, batch 128, Adam (lr 0.001,",
+        "cosine decay), bfloat16 autocast. They use the paper's 7-exit assignment (classes 9, 8, 6, 1, 7, 0 to",
+        "exits 1-6, IC scheme), exit weights [0.2, 0.2, 0.2, 0.1, 0.1, 0.1, 0.1] and thresholds",
+        "[0.3, 0.3, 0.3, 0.2, 0.2, 0.2]. Two runs trained side by side, one torch thread each.",
+        "",
+        "These are the first recipe's models (from scratch, no validation split, typed thresholds).",
+        "[reports/zoo-recipes](../../reports/zoo-recipes/README.md) measures the second (from a trained base,",
+        "calibrated on a held-out split): closer to base in accuracy, fewer priority samples at their exit.",
+    ]
+
+
 def zoo_readme(zoo: Path) -> str:
     """The zoo's README: one row per model card found in `zoo`."""
     cards = [json.loads(p.read_text()) for p in sorted(zoo.glob("*.card.json"))]
     lines = [
         "# Model zoo",
         "",
-        "Trained on Fashion-MNIST (Debian package `dataset-fashion-mnist`): 55,000 training images, with 5,000",
-        "more held out as a validation split ([validation.json](validation.json): the same split, seed 0, for",
-        "every ResNet-110), and evaluated on the 10,000 test images. Every model is one ONNX file in the",
-        "runtime's format (docs/model-format.md) with a card (`NAME.card.md`, `NAME.card.json`): per-exit",
-        "accuracy, the exit distribution per class, training time and hardware.",
-        "",
-        "The recipe (the zoo's second, 2026-12-03): `base` trains the whole ResNet-110 for 6 epochs (seed 0,",
-        "batch 128, Adam lr 0.001, cosine decay, bfloat16 autocast). `bn`, `cn` and `cn+c` start from it",
-        "(`--init-from`): its backbone and classifier stay frozen for 3 epochs while the exits train, then the",
-        "whole network is fine-tuned for 1 epoch at lr 0.0001. They use the paper's 7-exit assignment",
-        "(classes 9, 8, 6, 1, 7, 0 to exits 1-6, IC scheme) and exit weights [0.2, 0.2, 0.2, 0.1, 0.1, 0.1,",
-        "0.1]. The export calibrates every exit's threshold on the validation split (`classynet calibrate",
-        "--target precision=0.99`); the thresholds typed at training ([0.3, 0.3, 0.3, 0.2, 0.2, 0.2]) and their",
-        "results are on each card. The table's figures are at the thresholds in the model.",
-        "",
-        "The first recipe (2026-11-25) trained each variant from scratch for 6 epochs on all 60,000 training",
-        "images with the typed thresholds: base 93.00 %; bn, cn and cn+c with early exits 92.06, 91.76 and",
-        "91.68 % (cn and cn+c 1.24 and 1.32 points below base), 45 minutes each. `tiny-3exit-cn`, a",
-        "small model for tests and trials, is still from that recipe.",
+        *intro(cards),
         "",
         "| model | mode | final-exit accuracy | accuracy with early exits | answered before the last exit | target | training | retrain |",
         "|---|---|---|---|---|---|---|---|",
@@ -181,9 +199,9 @@ def zoo_readme(zoo: Path) -> str:
         "Targets: `base` reaches at least 90 % final-exit accuracy; `bn`, `cn` and `cn+c`, with early exits at",
         "the model's thresholds, stay within 1.0 point of `base`. A missed target is shown with its gap.",
         "",
-        "`scripts/train-zoo NAME` trains (or resumes from `models/runs/v2/NAME/checkpoint.pt`), exports,",
-        "calibrates, verifies the export against PyTorch and writes the card. `EPOCHS=N` (base),",
-        "`EXIT_EPOCHS=N` and `FINETUNE_EPOCHS=N` change the budget. The runtime's test",
+        "`scripts/train-zoo NAME` trains (or resumes), exports, calibrates, verifies the export against",
+        "PyTorch and writes the card (`RECIPE=base|scratch` and the budget variables: see the script). The",
+        "runtime's test",
         "`runtime/tests/zoo.rs` checks that every model here splits exactly at every partition and that",
         "`classynet run` reproduces the card's accuracy and exit counts.",
     ]
