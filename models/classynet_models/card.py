@@ -200,9 +200,8 @@ def zoo_readme(zoo: Path) -> str:
         "the model's thresholds, stay within 1.0 point of `base`. A missed target is shown with its gap.",
         "",
         "`scripts/train-zoo NAME` trains (or resumes), exports, calibrates, verifies the export against",
-        "PyTorch and writes the card (`RECIPE=base|scratch` and the budget variables: see the script). The",
-        "runtime's test",
-        "`runtime/tests/zoo.rs` checks that every model here splits exactly at every partition and that",
+        "PyTorch and writes the card (`RECIPE=scratch|base` and the budget variables: see the script). The",
+        "test `cli/tests/zoo.rs` checks that every model here splits exactly at every partition and that",
         "`classynet run` reproduces the card's accuracy and exit counts.",
     ]
     return "\n".join(lines) + "\n"
