@@ -40,6 +40,7 @@ pub async fn classify(
     let sem = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
     let start = Instant::now();
     let bytes_before = edge.stats.wire_bytes.load(Ordering::Relaxed);
+    let replicas_before = edge.forwards_per_replica();
     let mut tasks = Vec::with_capacity(n);
     for i in 0..n {
         let permit = sem.clone().acquire_owned().await?;
@@ -108,8 +109,21 @@ pub async fn classify(
     obj.insert("latency_ms_by_place".into(), serde_json::Value::Object(place_json));
     obj.insert("wire_bytes_per_sample".into(), serde_json::json!(wire as f64 / n as f64));
     obj.insert("partition".into(), serde_json::json!(format!("E{}", edge.k)));
+    // Where the forwards went: with several cloud replicas, how evenly they were spread.
+    let mut replicas = serde_json::Map::new();
+    for (addr, n) in edge.forwards_per_replica() {
+        let before = replicas_before.iter().find(|(a, _)| *a == addr).map_or(0, |(_, b)| *b);
+        replicas.insert(addr, serde_json::json!(n - before));
+    }
+    let replica_text = if replicas.len() > 1 {
+        let each: Vec<String> = replicas.iter().map(|(a, n)| format!("{a} {n}")).collect();
+        format!("\nforwards answered per cloud replica: {}", each.join(" · "))
+    } else {
+        String::new()
+    };
+    obj.insert("cloud_replicas".into(), serde_json::Value::Object(replicas));
     let text = format!(
-        "{}\nanswered on the edge {at_edge}, in the cloud {at_cloud}, degraded {degraded} · partition E{}\nlatency p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms · {:.0} bytes on the wire per sample\ntime to answer: {}",
+        "{}\nanswered on the edge {at_edge}, in the cloud {at_cloud}, degraded {degraded} · partition E{}\nlatency p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms · {:.0} bytes on the wire per sample\ntime to answer: {}{replica_text}",
         report.table(""),
         edge.k,
         p50,

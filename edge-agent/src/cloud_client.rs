@@ -1,48 +1,87 @@
-//! The client side of the link to the cloud: the endpoint with TLS and keepalive, the link's
-//! health with backoff.
+//! How the edge dials the cloud: endpoints with TLS and keepalive, and capped backoff. Which
+//! replica gets a forward is `replicas`' business.
 
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
-use tonic::transport::Channel;
+use std::net::SocketAddr;
+use std::time::Duration;
 
-use classynet_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
-use classynet_serving::codec::WireDtype;
 use classynet_serving::security::TlsFiles;
-use tonic::transport::Endpoint;
+use tonic::transport::{ClientTlsConfig, Endpoint};
 
 use crate::config::Config;
 
-/// The cloud's endpoint: https with the TLS settings when a CA is given, http otherwise.
-pub(crate) fn cloud_endpoint(config: &Config) -> anyhow::Result<Option<Endpoint>> {
-    let Some(addr) = &config.server else { return Ok(None) };
-    let tls = TlsFiles { cert: config.tls_cert.clone(), key: config.tls_key.clone(), ca: config.tls_ca.clone() };
-    // The edge's own certificate alone does not turn on TLS to the cloud: that needs the CA.
-    let client_tls = if config.tls_ca.is_some() { tls.client(config.tls_server_name.as_deref())? } else { None };
-    let scheme = if client_tls.is_some() { "https" } else { "http" };
-    let uri = match addr.split_once("://") {
-        Some((_, rest)) => format!("{scheme}://{rest}"),
-        None => format!("{scheme}://{addr}"),
-    };
-    let mut ep = Endpoint::from_shared(uri.clone()).map_err(|e| anyhow::anyhow!("--server {addr}: {e}"))?;
-    if let Some(t) = client_tls {
-        ep = ep.tls_config(t).map_err(|e| anyhow::anyhow!("TLS settings for {uri}: {e}"))?;
-    }
-    Ok(Some(keepalive(ep.connect_timeout(Duration::from_millis(config.cloud_timeout_ms)), config)))
+/// Builds the endpoint of one cloud replica from the agent's TLS and keepalive settings.
+pub(crate) struct Dialer {
+    tls: Option<TlsFiles>,
+    server_name: Option<String>,
+    connect_timeout: Duration,
+    keepalive_interval_s: u64,
+    keepalive_timeout_s: u64,
 }
 
-/// HTTP/2 PINGs (also while no call is open) and TCP keepalive on the cloud channel: a
-/// connection that silently stops carrying packets (a NAT timeout, a Wi-Fi drop) is closed after
-/// `--keepalive-interval-s` + `--keepalive-timeout-s` at most, and the next call or policy
-/// stream dials a new one.
-fn keepalive(ep: Endpoint, config: &Config) -> Endpoint {
-    if config.keepalive_interval_s == 0 {
-        return ep;
+impl Dialer {
+    pub(crate) fn new(config: &Config) -> anyhow::Result<Dialer> {
+        // The edge's own certificate alone does not turn on TLS to the cloud: that needs the CA.
+        let tls = config.tls_ca.is_some().then(|| TlsFiles {
+            cert: config.tls_cert.clone(),
+            key: config.tls_key.clone(),
+            ca: config.tls_ca.clone(),
+        });
+        let dialer = Dialer {
+            tls,
+            server_name: config.tls_server_name.clone(),
+            connect_timeout: Duration::from_millis(config.cloud_timeout_ms),
+            keepalive_interval_s: config.keepalive_interval_s,
+            keepalive_timeout_s: config.keepalive_timeout_s,
+        };
+        // Read the TLS files now: a missing CA is a start-up error, not a failed forward later.
+        dialer.client_tls("localhost")?;
+        Ok(dialer)
     }
-    let interval = Duration::from_secs(config.keepalive_interval_s);
-    ep.http2_keep_alive_interval(interval)
-        .keep_alive_timeout(Duration::from_secs(config.keepalive_timeout_s.max(1)))
-        .keep_alive_while_idle(true)
-        .tcp_keepalive(Some(interval))
+
+    #[cfg(test)]
+    pub(crate) fn plain() -> Dialer {
+        Dialer {
+            tls: None,
+            server_name: None,
+            connect_timeout: Duration::from_secs(1),
+            keepalive_interval_s: 0,
+            keepalive_timeout_s: 0,
+        }
+    }
+
+    fn client_tls(&self, host: &str) -> anyhow::Result<Option<ClientTlsConfig>> {
+        let Some(tls) = &self.tls else { return Ok(None) };
+        // The replica is dialled by address; its certificate is checked against the name it was
+        // found under (or --tls-server-name).
+        Ok(tls.client(Some(self.server_name.as_deref().unwrap_or(host)))?)
+    }
+
+    /// The endpoint of the replica at `addr`, found under the name `host`: https with the TLS
+    /// settings when a CA is given, http otherwise.
+    pub(crate) fn endpoint(&self, host: &str, addr: SocketAddr) -> anyhow::Result<Endpoint> {
+        let tls = self.client_tls(host)?;
+        let uri = format!("{}://{addr}", if tls.is_some() { "https" } else { "http" });
+        let mut ep = Endpoint::from_shared(uri.clone()).map_err(|e| anyhow::anyhow!("cloud address {uri}: {e}"))?;
+        if let Some(t) = tls {
+            ep = ep.tls_config(t).map_err(|e| anyhow::anyhow!("TLS settings for {uri}: {e}"))?;
+        }
+        Ok(self.keepalive(ep.connect_timeout(self.connect_timeout)))
+    }
+
+    /// HTTP/2 PINGs (also while no call is open) and TCP keepalive on a cloud channel: a
+    /// connection that silently stops carrying packets (a NAT timeout, a Wi-Fi drop) is closed
+    /// after `--keepalive-interval-s` + `--keepalive-timeout-s` at most, and the next call or
+    /// stream dials a new one.
+    fn keepalive(&self, ep: Endpoint) -> Endpoint {
+        if self.keepalive_interval_s == 0 {
+            return ep;
+        }
+        let interval = Duration::from_secs(self.keepalive_interval_s);
+        ep.http2_keep_alive_interval(interval)
+            .keep_alive_timeout(Duration::from_secs(self.keepalive_timeout_s.max(1)))
+            .keep_alive_while_idle(true)
+            .tcp_keepalive(Some(interval))
+    }
 }
 
 pub(crate) const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -53,11 +92,17 @@ pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub(crate) struct Backoff {
     next: Duration,
+    min: Duration,
+    max: Duration,
 }
 
 impl Backoff {
     pub(crate) fn new() -> Backoff {
-        Backoff { next: BACKOFF_MIN }
+        Backoff::between(BACKOFF_MIN, BACKOFF_MAX)
+    }
+
+    pub(crate) fn between(min: Duration, max: Duration) -> Backoff {
+        Backoff { next: min, min, max }
     }
 
     /// How long to wait now; the next wait doubles (up to the cap).
@@ -67,71 +112,12 @@ impl Backoff {
                 % 1000) as f64
                 / 1000.0;
         let wait = self.next.mul_f64(0.5 + 0.5 * jitter);
-        self.next = (self.next * 2).min(BACKOFF_MAX);
+        self.next = (self.next * 2).min(self.max);
         wait
     }
 
     pub(crate) fn reset(&mut self) {
-        self.next = BACKOFF_MIN;
-    }
-}
-
-/// The link to the cloud, with backoff after failures.
-pub(crate) struct CloudLink {
-    pub(crate) client: Option<GrpcInferenceServiceClient<Channel>>,
-    pub(crate) timeout: Duration,
-    pub(crate) dtype: WireDtype,
-    state: Mutex<LinkState>,
-}
-
-struct LinkState {
-    /// While set and in the future, the cloud is considered down: answer degraded at once.
-    down_until: Option<Instant>,
-    backoff: Backoff,
-    /// Changes whenever the link is marked down or up again. A forward remembers it when sent:
-    /// its failure counts only if nothing changed meanwhile, so the several forwards in flight
-    /// when a link dies (the pipeline keeps two or three) double the backoff once, not each.
-    generation: u64,
-}
-
-impl CloudLink {
-    pub(crate) fn new(
-        client: Option<GrpcInferenceServiceClient<Channel>>,
-        timeout: Duration,
-        dtype: WireDtype,
-    ) -> Self {
-        let state = LinkState { down_until: None, backoff: Backoff::new(), generation: 0 };
-        CloudLink { client, timeout, dtype, state: Mutex::new(state) }
-    }
-
-    fn state(&self) -> std::sync::MutexGuard<'_, LinkState> {
-        self.state.lock().expect("no code panics while holding the link state")
-    }
-
-    /// Whether to answer degraded without trying, and the generation a forward sent now carries.
-    pub(crate) fn check(&self) -> (bool, u64) {
-        let s = self.state();
-        (matches!(s.down_until, Some(t) if Instant::now() < t), s.generation)
-    }
-
-    /// A forward sent at `generation` failed.
-    pub(crate) fn failed(&self, generation: u64) {
-        let mut s = self.state();
-        if s.generation != generation {
-            return; // this outage is already being waited out
-        }
-        let wait = s.backoff.wait();
-        s.down_until = Some(Instant::now() + wait);
-        s.generation += 1;
-    }
-
-    pub(crate) fn succeeded(&self) {
-        let mut s = self.state();
-        if s.down_until.is_some() {
-            s.down_until = None;
-            s.backoff.reset();
-            s.generation += 1;
-        }
+        self.next = self.min;
     }
 }
 
@@ -153,27 +139,5 @@ mod tests {
         assert!(b.wait() <= BACKOFF_MAX);
         b.reset();
         assert!(b.wait() <= BACKOFF_MIN, "a reset starts again from the minimum");
-    }
-
-    #[test]
-    fn the_forwards_in_flight_when_a_link_dies_count_as_one_failure() {
-        let link = CloudLink::new(None, Duration::from_secs(1), WireDtype::Fp32);
-        let (down, g) = link.check();
-        assert!(!down);
-        // Three pipelined forwards, all sent before the link died, fail one after another.
-        for _ in 0..3 {
-            link.failed(g);
-        }
-        let s = link.state();
-        let wait = s.down_until.unwrap() - Instant::now();
-        assert!(wait <= BACKOFF_MIN, "one doubling at most: the wait is {wait:?}");
-        assert_eq!(s.generation, g + 1);
-        drop(s);
-        // A probe after the wait fails too: that is a second failure, and the wait doubles.
-        let (_, g2) = link.check();
-        link.failed(g2);
-        assert!(link.state().down_until.unwrap() - Instant::now() <= BACKOFF_MIN * 2);
-        link.succeeded();
-        assert!(!link.check().0, "one success ends the outage");
     }
 }

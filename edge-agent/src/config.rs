@@ -12,9 +12,15 @@ use classynet_serving::telemetry::{self, LogFormat};
 #[derive(Debug, Clone, Parser)]
 #[command(name = "edge-agent", version)]
 pub struct Config {
-    /// cloud-server address, host:port (http:// is added when missing).
-    #[arg(long, env = "EDGE_AGENT_SERVER")]
+    /// cloud-server address, host:port; several replicas as a list (a:50051,b:50051) or a DNS
+    /// name that resolves to several addresses (a Kubernetes headless Service), re-resolved every
+    /// --resolve-interval-s. Forwards are balanced over the healthy replicas (fewest in flight)
+    /// and a failed one is retried once on another.
+    #[arg(long, env = "EDGE_AGENT_SERVER", value_name = "HOST:PORT[,HOST:PORT...]")]
     pub server: Option<String>,
+    /// Seconds between two DNS resolutions of the --server names (replicas come and go).
+    #[arg(long, env = "EDGE_AGENT_RESOLVE_INTERVAL_S", default_value_t = 10)]
+    pub resolve_interval_s: u64,
     /// Exits kept on this device: E2 runs exits E1 and E2 here and forwards the rest.
     #[arg(long, env = "EDGE_AGENT_PARTITION", conflicts_with = "memory_budget")]
     pub partition: Option<String>,
@@ -88,7 +94,7 @@ pub struct Config {
     /// PEM CA that signed the cloud's certificate; turns on TLS towards the cloud.
     #[arg(long, env = "EDGE_AGENT_TLS_CA", value_name = "FILE")]
     pub tls_ca: Option<PathBuf>,
-    /// Name checked in the cloud's certificate (default: the host of --server).
+    /// Name checked in the cloud's certificate (default: the host of each --server entry).
     #[arg(long, env = "EDGE_AGENT_TLS_SERVER_NAME", value_name = "NAME")]
     pub tls_server_name: Option<String>,
     /// Allow a non-loopback --listen without TLS (refused otherwise).

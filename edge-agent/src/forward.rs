@@ -3,23 +3,27 @@
 //! exit's answer flagged degraded when the cloud cannot answer in time.
 //!
 //! Only these samples wait for the cloud: the batcher has already answered the rest.
+//!
+//! With several cloud replicas, a forward goes to the one `replicas` picks; one that fails on the
+//! link (or turns out to serve another model) is retried once on another replica before its
+//! samples are answered degraded.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use classynet_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use classynet_proto::inference::ModelInferRequest;
 use classynet_runtime::exit::Answer;
 use classynet_runtime::runner::{Forward, SampleResult};
 use classynet_serving::batcher::{Forwarder, Origin};
-use classynet_serving::codec::{self, string_param, PARAM_CUT, PARAM_FINGERPRINT, PARAM_POLICY_VERSION};
+use classynet_serving::codec::{self, string_param, WireDtype, PARAM_CUT, PARAM_FINGERPRINT, PARAM_POLICY_VERSION};
 use classynet_serving::telemetry;
 
 use tonic::transport::Channel;
 use tonic::Code;
 
-use crate::cloud_client::CloudLink;
+use crate::replicas::CloudPool;
 
 /// Counters of what the edge did.
 #[derive(Debug, Default)]
@@ -28,11 +32,17 @@ pub struct Stats {
     pub cloud: AtomicU64,
     pub degraded: AtomicU64,
     pub wire_bytes: AtomicU64,
+    /// Forwards retried on a second cloud replica after the first failed.
+    pub retried: AtomicU64,
 }
 
 /// What the forward step needs besides the batch.
 pub(crate) struct ForwardContext {
-    pub(crate) link: CloudLink,
+    /// The cloud replicas; none when every exit runs here.
+    pub(crate) pool: Option<Arc<CloudPool>>,
+    /// Longest wait for one replica's answer.
+    pub(crate) timeout: Duration,
+    pub(crate) dtype: WireDtype,
     pub(crate) stats: Arc<Stats>,
     /// Exits held on this edge (the cut is after exit k).
     pub(crate) k: usize,
@@ -54,29 +64,16 @@ enum Miss {
     Link(String),
     /// The cloud is up but refused these samples: answer degraded, keep the link.
     Refused(String),
+    /// This replica serves another model than our head: refuse it, try another.
+    OtherModel(String),
 }
 
 impl ForwardContext {
     async fn forward(&self, fwd: Forward) -> Vec<(SampleResult, Origin)> {
         let n = fwd.rows.len();
-        let (down, generation) = self.link.check();
-        let answers = match (&self.link.client, down) {
-            (Some(client), false) => match self.call(client.clone(), &fwd).await {
-                Ok(a) => {
-                    self.link.succeeded();
-                    Some(a)
-                }
-                Err(Miss::Link(why)) => {
-                    tracing::warn!("forward to the cloud failed, {n} samples answered degraded: {why}");
-                    self.link.failed(generation);
-                    None
-                }
-                Err(Miss::Refused(why)) => {
-                    tracing::error!("the cloud refused {n} forwarded samples, answered degraded: {why}");
-                    None
-                }
-            },
-            _ => None,
+        let answers = match &self.pool {
+            Some(pool) => self.balanced(pool, &fwd).await,
+            None => None,
         };
         match answers {
             Some(a) => {
@@ -113,15 +110,60 @@ impl ForwardContext {
         }
     }
 
+    /// Sends the batch to a replica, and once more to another if that fails; None when neither
+    /// answered (the samples are then answered degraded).
+    async fn balanced(&self, pool: &CloudPool, fwd: &Forward) -> Option<Vec<(i64, i32, f32, f32)>> {
+        let n = fwd.rows.len();
+        let mut failed = None;
+        for attempt in 0..2 {
+            let Some(replica) = pool.pick(failed.as_deref()) else {
+                match &failed {
+                    None => {
+                        tracing::debug!("no cloud replica usable ({}); {n} samples answered degraded", pool.describe())
+                    }
+                    Some(_) => tracing::warn!("no other cloud replica usable; {n} samples answered degraded"),
+                }
+                return None;
+            };
+            if attempt > 0 {
+                self.stats.retried.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(telemetry::CLOUD_RETRIES, "side" => "edge").increment(1);
+            }
+            let generation = replica.generation();
+            let in_flight = replica.begin();
+            let result = self.call(replica.client(), fwd).await;
+            drop(in_flight);
+            match result {
+                Ok(a) => {
+                    replica.succeeded();
+                    return Some(a);
+                }
+                Err(Miss::Link(why)) => {
+                    tracing::warn!(replica = %replica.label, "forward of {n} samples failed{}: {why}",
+                        if attempt == 0 { ", retrying on another replica" } else { ", answered degraded" });
+                    replica.failed(generation);
+                }
+                Err(Miss::OtherModel(why)) => replica.refuse(why),
+                Err(Miss::Refused(why)) => {
+                    // The samples, not the replica: another would refuse them too.
+                    tracing::error!(replica = %replica.label, "the cloud refused {n} forwarded samples, answered degraded: {why}");
+                    return None;
+                }
+            }
+            failed = Some(replica);
+        }
+        None
+    }
+
     async fn call(
         &self,
         mut client: GrpcInferenceServiceClient<Channel>,
         fwd: &Forward,
     ) -> Result<Vec<(i64, i32, f32, f32)>, Miss> {
-        let (input, raw) = codec::encode_tensor("cut", &fwd.cut, self.link.dtype);
+        let (input, raw) = codec::encode_tensor("cut", &fwd.cut, self.dtype);
         let bytes = raw.len();
         self.stats.wire_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
-        metrics::counter!(telemetry::WIRE_BYTES, "side" => "edge", "dtype" => self.link.dtype.label())
+        metrics::counter!(telemetry::WIRE_BYTES, "side" => "edge", "dtype" => self.dtype.label())
             .increment(bytes as u64);
         let req = ModelInferRequest {
             parameters: [
@@ -142,14 +184,16 @@ impl ForwardContext {
             request.metadata_mut().insert("traceparent", v);
         }
         // The cloud sees our deadline (grpc-timeout) and does not compute what we gave up on.
-        request.set_timeout(self.link.timeout);
+        request.set_timeout(self.timeout);
         tracing::debug!(trace_id, samples = fwd.rows.len(), bytes, cut = self.k, "forwarding to the cloud");
         let sent = Instant::now();
-        let resp = match tokio::time::timeout(self.link.timeout, client.model_infer(request)).await {
-            Err(_) => return Err(Miss::Link(format!("no answer within {:?}", self.link.timeout))),
+        let resp = match tokio::time::timeout(self.timeout, client.model_infer(request)).await {
+            Err(_) => return Err(Miss::Link(format!("no answer within {:?}", self.timeout))),
             Ok(Err(status)) => {
                 let why = format!("{:?}: {}", status.code(), status.message());
                 return Err(match status.code() {
+                    // The cloud's model check (see cloud-server's infer): another model's tail.
+                    Code::FailedPrecondition if status.message().contains("fingerprint") => Miss::OtherModel(why),
                     Code::InvalidArgument | Code::NotFound | Code::FailedPrecondition | Code::OutOfRange => {
                         Miss::Refused(why)
                     }

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use classynet_proto::control::control_client::ControlClient;
-use classynet_proto::control::GetPartitionRequest;
+use classynet_proto::control::{GetPartitionRequest, PartitionChunk};
 use classynet_runtime::format::PartitionRole;
 use classynet_runtime::model::{parse_partition, Model};
 use classynet_runtime::partition::{extract_side, segments, Side};
@@ -13,8 +13,9 @@ use classynet_runtime::planner::{choose, choose_batch, parse_size, plan, residen
 use prost::Message;
 use tokio_stream::StreamExt;
 
-use crate::cloud_client::cloud_endpoint;
+use crate::cloud_client::{Backoff, Dialer};
 use crate::config::Config;
+use crate::replicas::{parse_targets, resolve};
 
 /// Largest head partition the edge accepts from the cloud (far above any model it can run).
 const MAX_HEAD_BYTES: usize = 1 << 31;
@@ -122,38 +123,78 @@ async fn find_head(config: &Config) -> anyhow::Result<(Model, usize, Option<usiz
         return Ok((Model::from_bytes(&head.encode_to_vec(), &format!("{} head E{k}", path.display()))?, k, batch));
     }
     let server = config.server.as_deref().ok_or_else(|| anyhow::anyhow!("give --model FILE or --server ADDR"))?;
-    let ep = cloud_endpoint(config)?.expect("--server is set");
+    let targets = parse_targets(server)?;
+    let dialer = Dialer::new(config)?;
     let partition = config.partition.clone().ok_or_else(|| {
         anyhow::anyhow!("downloading the head from the cloud needs --partition Ek (--memory-budget needs --model)")
     })?;
     let limit = Duration::from_secs(config.head_timeout_s.max(1));
+    // Every replica cuts the same model the same way: take the head from the first that gives
+    // it, trying each address in turn (again, until the time limit, while none does).
     let download = async {
-        let channel = ep.connect().await.map_err(|e| anyhow::anyhow!("cannot reach the cloud at {server}: {e:?}"))?;
-        let mut client = ControlClient::new(channel);
-        let mut stream = client
-            .get_partition(GetPartitionRequest { partition: partition.clone() })
-            .await
-            .map_err(|s| anyhow::anyhow!("the cloud at {server} refused partition {partition}: {}", s.message()))?
-            .into_inner();
-        let mut bytes = Vec::new();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|s| anyhow::anyhow!("head download from {server} broke off: {}", s.message()))?;
-            anyhow::ensure!(
-                bytes.len() + chunk.data.len() <= MAX_HEAD_BYTES,
-                "the cloud at {server} sent more than {MAX_HEAD_BYTES} bytes for partition {partition}"
-            );
-            bytes.extend_from_slice(&chunk.data);
+        let mut backoff = Backoff::new();
+        loop {
+            let (found, unresolved) = resolve(&targets).await;
+            let mut why: Vec<String> = unresolved;
+            for (t, addr) in &found {
+                match download_from(&dialer, &t.host, *addr, &partition).await? {
+                    Ok(bytes) => return Ok::<_, anyhow::Error>((bytes, format!("{addr}"))),
+                    Err(e) => {
+                        tracing::warn!(replica = %addr, "head download failed, trying the next replica: {e}");
+                        why.push(format!("{addr}: {e}"));
+                    }
+                }
+            }
+            tracing::warn!("no cloud replica gave partition {partition} ({}); retrying", why.join("; "));
+            tokio::time::sleep(backoff.wait()).await;
         }
-        Ok::<_, anyhow::Error>(bytes)
     };
-    let bytes = tokio::time::timeout(limit, download).await.map_err(|_| {
+    let (bytes, from) = tokio::time::timeout(limit, download).await.map_err(|_| {
         anyhow::anyhow!(
             "the head partition {partition} did not arrive from {server} within {limit:?} (--head-timeout-s); \
              is the cloud up and serving?"
         )
     })??;
+    let server = from;
     let model = Model::from_bytes(&bytes, &format!("{server} partition {partition}"))?;
     let k = model.present.end;
     tracing::info!(partition, bytes = bytes.len(), "head partition downloaded from the cloud");
     Ok((model, k, None))
+}
+
+/// Downloads head partition `partition` from the replica at `addr`. The outer error is final (the
+/// cloud says the partition does not exist: another replica would say the same); the inner one
+/// lets the next replica be tried.
+async fn download_from(
+    dialer: &Dialer,
+    host: &str,
+    addr: std::net::SocketAddr,
+    partition: &str,
+) -> anyhow::Result<anyhow::Result<Vec<u8>>> {
+    let channel = match dialer.endpoint(host, addr)?.connect().await {
+        Ok(c) => c,
+        Err(e) => return Ok(Err(anyhow::anyhow!("cannot connect: {e:?}"))),
+    };
+    let mut client = ControlClient::new(channel);
+    let mut stream = match client.get_partition(GetPartitionRequest { partition: partition.to_string() }).await {
+        Ok(s) => s.into_inner(),
+        Err(s) if matches!(s.code(), tonic::Code::NotFound | tonic::Code::InvalidArgument) => {
+            anyhow::bail!("the cloud at {addr} refused partition {partition}: {}", s.message())
+        }
+        Err(s) => return Ok(Err(anyhow::anyhow!("refused partition {partition}: {}", s.message()))),
+    };
+    Ok(read_chunks(&mut stream, partition).await)
+}
+
+async fn read_chunks(stream: &mut tonic::Streaming<PartitionChunk>, partition: &str) -> anyhow::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|s| anyhow::anyhow!("the download broke off: {}", s.message()))?;
+        anyhow::ensure!(
+            bytes.len() + chunk.data.len() <= MAX_HEAD_BYTES,
+            "sent more than {MAX_HEAD_BYTES} bytes for partition {partition}"
+        );
+        bytes.extend_from_slice(&chunk.data);
+    }
+    Ok(bytes)
 }

@@ -24,15 +24,15 @@ mod forward;
 mod head;
 mod memory;
 mod policy_watch;
+mod replicas;
 mod server;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use api::Names;
 pub use classify::{classify, ClassifyOutput};
-use classynet_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use classynet_runtime::backend::EngineBackend;
 use classynet_runtime::backend::Tensor;
 use classynet_runtime::engine;
@@ -43,14 +43,13 @@ use classynet_runtime::worker::Worker;
 use classynet_serving::batcher::{Admission, BatchConfig, Batcher, Origin, Served};
 pub use classynet_serving::codec::WireDtype;
 use classynet_serving::ServeResult;
-use cloud_client::{cloud_endpoint, CloudLink};
 pub use config::{init_logging, Config, Verb};
 pub use forward::Stats;
 use forward::{forwarder, ForwardContext};
 use head::load_head;
 use policy_watch::watch_policy;
+use replicas::CloudPool;
 pub use server::{run, start, Handle};
-use tonic::transport::Endpoint;
 
 /// A loaded edge: head model, runner thread, batcher and cloud link.
 pub struct Edge {
@@ -65,8 +64,24 @@ pub struct Edge {
     /// Set once the first update of the cloud's policy stream has been dealt with, so that a run
     /// can start under the cloud's policy instead of switching to it part-way.
     policy_seen: tokio::sync::watch::Sender<bool>,
+    /// The policy applied last (its version and text), to tell new, same and older updates apart.
+    applied: Mutex<Option<(u64, String)>>,
     server: Option<String>,
-    cloud: Option<Endpoint>,
+    /// The cloud replicas (none without --server).
+    pool: Option<Arc<CloudPool>>,
+}
+
+/// What became of a policy update offered by a cloud replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Offer {
+    Applied(u64),
+    /// This version is already in force.
+    Same(u64),
+    /// Older than the one in force: ignored.
+    Older {
+        offered: u64,
+        in_force: u64,
+    },
 }
 
 impl Edge {
@@ -104,12 +119,9 @@ impl Edge {
         worker.run(Tensor { shape: dims, data: vec![0.0; n] }).await?;
         let one = t.elapsed();
         let worker = Arc::new(worker);
-        let cloud = cloud_endpoint(config)?;
-        let client = match &cloud {
-            Some(ep) if k < m => {
-                Some(GrpcInferenceServiceClient::new(ep.connect_lazy()).max_decoding_message_size(usize::MAX))
-            }
-            _ => None,
+        let pool = match &config.server {
+            Some(_) => Some(CloudPool::start(config, head.fingerprint.clone()).await?),
+            None => None,
         };
         let stats = Arc::new(Stats::default());
         let policy_version = Arc::new(AtomicU64::new(0));
@@ -118,7 +130,10 @@ impl Edge {
             classes: head.meta.classes.clone(),
         };
         let context = ForwardContext {
-            link: CloudLink::new(client, Duration::from_millis(config.cloud_timeout_ms), config.wire_dtype),
+            // With every exit here nothing is forwarded; the pool still carries the policy.
+            pool: pool.clone().filter(|_| k < m),
+            timeout: Duration::from_millis(config.cloud_timeout_ms),
+            dtype: config.wire_dtype,
             stats: stats.clone(),
             k,
             fingerprint: head.fingerprint.clone(),
@@ -146,8 +161,9 @@ impl Edge {
             names,
             policy_version,
             policy_seen: tokio::sync::watch::Sender::new(false),
+            applied: Mutex::new(None),
             server: config.server.clone(),
-            cloud,
+            pool,
         });
         tokio::spawn(memory::watch(
             Arc::downgrade(&edge),
@@ -172,6 +188,11 @@ impl Edge {
         seen
     }
 
+    /// Forwards answered so far by each cloud replica the edge knows now, by address.
+    pub fn forwards_per_replica(&self) -> Vec<(String, u64)> {
+        self.pool.as_ref().map(|p| p.answered()).unwrap_or_default()
+    }
+
     /// Version of the exit policy in force on this edge.
     pub fn policy_version(&self) -> u64 {
         self.policy_version.load(Ordering::SeqCst)
@@ -190,12 +211,20 @@ impl Edge {
         Ok(served)
     }
 
-    async fn apply_policy(&self, json: &str) -> Result<u64, String> {
+    /// Applies a policy update from a cloud replica unless the same or a newer version is in
+    /// force already. Versions only grow: after a failover the new replica may not have re-read
+    /// the shared policy file yet, and must not take the edge back.
+    async fn offer_policy(&self, json: &str) -> Result<Offer, String> {
         let file = PolicyFile::from_json(json).map_err(|e| e.to_string())?;
+        let in_force = self.applied.lock().expect("no code panics while holding the policy").clone();
+        if let Some(skip) = policy_watch::judge(in_force.as_ref(), file.version, json) {
+            return Ok(skip);
+        }
         let policy = Policy::resolve(&self.head.meta, &file).map_err(|e| e.to_string())?;
         self.worker.set_policy(policy).await.map_err(|e| e.to_string())?;
         self.policy_version.store(file.version, Ordering::SeqCst);
-        Ok(file.version)
+        *self.applied.lock().expect("no code panics while holding the policy") = Some((file.version, json.to_string()));
+        Ok(Offer::Applied(file.version))
     }
 }
 

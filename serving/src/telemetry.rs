@@ -51,6 +51,16 @@ pub const EDGE_RSS_ANON: &str = "classynet_edge_rss_anon_bytes";
 /// The edge's highest resident set since it started (`VmHWM`): what a cgroup's `MemoryMax`
 /// must stay above.
 pub const EDGE_PEAK_RSS: &str = "classynet_edge_peak_rss_bytes";
+/// Forwards from an edge to one cloud replica, by `endpoint` (address) and outcome: ok, failed
+/// (the link: retried on another replica, or answered degraded), refused (the replica serves
+/// another model, or refused the samples).
+pub const CLOUD_FORWARDS: &str = "classynet_cloud_forwards_total";
+/// Forwards retried on another replica after the first one failed.
+pub const CLOUD_RETRIES: &str = "classynet_cloud_retries_total";
+/// 1 while an edge sends a cloud replica traffic (healthy, same model, not backing off), else 0.
+pub const CLOUD_ENDPOINT_UP: &str = "classynet_cloud_endpoint_up";
+/// Forwards in flight to one cloud replica.
+pub const CLOUD_OUTSTANDING: &str = "classynet_cloud_outstanding";
 
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -62,11 +72,16 @@ pub enum LogFormat {
     Json,
 }
 
-/// Logs to stderr at `RUST_LOG` (default info) in `format`.
+/// Logs to stderr at `RUST_LOG` (default info) in `format`. Colours only on a terminal: the
+/// journal, a file or a pipe gets plain text.
 pub fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),

@@ -3,7 +3,9 @@
 use std::pin::Pin;
 
 use classynet_proto::control::control_server::Control;
-use classynet_proto::control::{GetPartitionRequest, PartitionChunk, PolicyUpdate, WatchPolicyRequest};
+use classynet_proto::control::{
+    DescribeRequest, GetPartitionRequest, PartitionChunk, PolicyUpdate, ServerInfo, WatchPolicyRequest,
+};
 use classynet_runtime::format::PartitionRole;
 use classynet_runtime::model::parse_partition;
 use classynet_runtime::partition::{extract_side, segments, Side};
@@ -101,6 +103,16 @@ impl Control for ControlApi {
             })
         });
         Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+    }
+
+    async fn describe(&self, _: Request<DescribeRequest>) -> Result<Response<ServerInfo>, Status> {
+        let c = loaded(&self.0)?;
+        Ok(Response::new(ServerInfo {
+            model: c.name.clone(),
+            fingerprint: c.model.fingerprint.clone(),
+            policy_version: c.policy_version(),
+            exits: c.model.num_exits() as u32,
+        }))
     }
 }
 
