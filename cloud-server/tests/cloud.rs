@@ -330,3 +330,45 @@ async fn a_calibrated_policy_serves_the_exit_counts_calibration_predicted() {
     assert_eq!(served, predicted, "the cloud serving the calibrated policy leaves where calibration said");
     handle.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_replica_of_a_model_gives_the_same_head_and_describes_the_same_model() {
+    use classynet_proto::control::control_client::ControlClient;
+    use classynet_proto::control::{DescribeRequest, GetPartitionRequest};
+    // Two replicas of one model file, as a Deployment runs them: an edge may download its head
+    // from either and must then be able to forward to both.
+    let model = fixture("tiny3.onnx");
+    let replicas =
+        [cloud_server::start(config(model.clone())).await.unwrap(), cloud_server::start(config(model)).await.unwrap()];
+    let mut heads = Vec::new();
+    let mut described = Vec::new();
+    for r in &replicas {
+        let mut c = ControlClient::connect(format!("http://{}", r.addr)).await.unwrap();
+        for partition in ["E1", "E2"] {
+            let mut stream =
+                c.get_partition(GetPartitionRequest { partition: partition.into() }).await.unwrap().into_inner();
+            let (mut bytes, mut fingerprint) = (Vec::new(), String::new());
+            while let Some(chunk) = stream.message().await.unwrap() {
+                bytes.extend_from_slice(&chunk.data);
+                if !chunk.fingerprint.is_empty() {
+                    fingerprint = chunk.fingerprint;
+                }
+            }
+            heads.push((partition, bytes, fingerprint));
+        }
+        described.push(c.describe(DescribeRequest {}).await.unwrap().into_inner());
+    }
+    for (a, b) in heads.iter().zip(&heads[2..]) {
+        assert_eq!(a.0, b.0);
+        assert!(!a.1.is_empty() && a.1 == b.1, "head {} differs between replicas", a.0);
+        assert_eq!(a.2, b.2, "fingerprint of head {}", a.0);
+        // The head carries its source model's fingerprint: the one each replica describes.
+        assert_eq!(a.2, described[0].fingerprint);
+        assert_eq!(Model::from_bytes(&a.1, "head").unwrap().fingerprint, described[0].fingerprint);
+    }
+    assert_eq!(described[0], described[1]);
+    assert_eq!(described[0].exits, 3);
+    for r in replicas {
+        r.stop().await;
+    }
+}
