@@ -34,6 +34,9 @@ pub struct Stats {
     pub wire_bytes: AtomicU64,
     /// Forwards retried on a second cloud replica after the first failed.
     pub retried: AtomicU64,
+    /// Policy updates a cloud replica offered that were older than the policy in force (after
+    /// a failover to a replica that has not re-read the shared file yet), ignored.
+    pub older_policies_ignored: AtomicU64,
 }
 
 /// What the forward step needs besides the batch.

@@ -59,10 +59,13 @@ pub(crate) async fn watch_policy(weak: std::sync::Weak<Edge>) {
                     Ok(Offer::Same(v)) => {
                         tracing::info!(version = v, replica = %label, "exit policy from the cloud in force: already applied")
                     }
-                    Ok(Offer::Older { offered, in_force }) => tracing::warn!(
+                    Ok(Offer::Older { offered, in_force }) => {
+                        edge.stats.older_policies_ignored.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tracing::warn!(
                         offered, in_force, replica = %label,
                         "this cloud replica offers an older exit policy; the newer one stays in force"
-                    ),
+                        )
+                    }
                     Err(e) => {
                         metrics::counter!(telemetry::POLICY_REJECTIONS, "side" => "edge").increment(1);
                         tracing::error!(version = update.version, replica = %label,

@@ -311,3 +311,45 @@ async fn resnet110_cnc_splits_like_the_local_runner_at_every_partition() {
     }
     cloud.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_failover_the_edge_keeps_the_newer_policy_and_the_other_replica_serves() {
+    // Two replicas of one model whose policy files disagree, as while a rollout of the policy
+    // ConfigMap reaches the pods one after the other: A has version 2, B still version 1.
+    let path = zoo("tiny-3exit-cn.onnx");
+    let dir = tempfile::tempdir().unwrap();
+    let (new, old) = (dir.path().join("new.toml"), dir.path().join("old.toml"));
+    std::fs::write(&new, "version = 2\n[[exits]]\nname = \"E1\"\ndisabled = true\n").unwrap();
+    std::fs::write(&old, "version = 1\n").unwrap();
+    // B's address first (then B stops), so that the edge's stream can only start on A.
+    let b = cloud_server::start(cloud_config(path.clone(), "127.0.0.1:0", Some(old.clone()))).await.unwrap();
+    let b_addr = b.addr;
+    b.stop().await;
+    let a = cloud_server::start(cloud_config(path.clone(), "127.0.0.1:0", Some(new))).await.unwrap();
+    let edge = Edge::load(&edge_config(Some(path.clone()), "E1", format!("{},{b_addr}", a.addr))).await.unwrap();
+    assert!(edge.wait_for_policy(Duration::from_secs(5)).await);
+    assert_eq!(edge.policy_version(), 2);
+    let b = cloud_server::start(cloud_config(path.clone(), &b_addr.to_string(), Some(old))).await.unwrap();
+    // B back: the edge sends it forwards again (its health follower sees it SERVING).
+    let t = Instant::now();
+    loop {
+        let out = classify(&edge, "fashion-mnist:test", None, Some(50), 16).await.unwrap();
+        if out.json["cloud_replicas"][b_addr.to_string()].as_u64().unwrap_or(0) > 0 {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "the edge never used the restarted replica");
+    }
+    a.stop().await;
+    // The stream moves to B, which offers version 1: ignored.
+    let t = Instant::now();
+    while edge.stats.older_policies_ignored.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        assert!(t.elapsed() < Duration::from_secs(10), "the policy stream did not move to the other replica");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(edge.policy_version(), 2, "an older version was applied after the failover");
+    let out = classify(&edge, "fashion-mnist:test", None, Some(100), 16).await.unwrap();
+    assert_eq!(out.json["answered"]["degraded"], 0, "B serves every forward");
+    assert_eq!(out.json["answered"]["cloud"], 100, "E1 stays off (version 2): every sample goes to the cloud");
+    assert!(out.json["cloud_replicas"][b.addr.to_string()].as_u64().unwrap() > 0);
+    b.stop().await;
+}
