@@ -16,27 +16,21 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+from fleet import ort_env  # noqa: E402 - the scripts' helpers, found through the path above
 BIN = Path(os.environ.get("CLASSYNET_BIN_DIR", ROOT / "target" / "debug")).resolve()
 MODEL = ROOT / "models" / "zoo" / "tiny-3exit-cn.onnx"
 PYTHON = ROOT / ".venv" / "bin" / "python"
 NAME = "cloud.classynet.test"
 PORT = 50051
 REPLICAS = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
-
-
-def ort_env() -> dict[str, str]:
-    env = dict(os.environ)
-    libs = sorted(ROOT.glob(".venv/lib/python*/site-packages/onnxruntime/capi/libonnxruntime.so*"))
-    if libs:
-        env.setdefault("ORT_DYLIB_PATH", str(libs[0]))
-    env["RUST_LOG"] = "info"
-    return env
 
 
 @pytest.fixture()
