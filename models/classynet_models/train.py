@@ -149,7 +149,13 @@ def train(cfg: TrainConfig, out: Path, data_dir: Path | None = None, progress: b
             raise ConfigError(f"{ckpt_path} was written by a different configuration; use another --out or the "
                               f"same settings (checkpoint: {json.dumps(ck['config'])})")
         model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
+        # A finished run may be kept without its optimizer state (a third of the size), as the
+        # committed base run is: nothing is left to resume, and --init-from needs the weights only.
+        if ck.get("optimizer") is not None:
+            opt.load_state_dict(ck["optimizer"])
+        elif ck["epoch"] < cfg.epochs + cfg.finetune_epochs:
+            raise ConfigError(f"{ckpt_path} holds no optimizer state, so this unfinished run cannot resume; "
+                              "start it again in another --out")
         epoch, step_in_epoch, elapsed, history = ck["epoch"], ck["step"], ck["elapsed"], ck["history"]
         print(f"resuming {out} at epoch {epoch + 1}, step {step_in_epoch} ({elapsed / 60:.1f} min done)")
     elif cfg.init_from is not None:

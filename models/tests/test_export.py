@@ -184,3 +184,21 @@ def test_init_from_a_base_run_keeps_its_backbone_while_frozen_then_fine_tunes(tm
         train(replace(cfg, init_from=str(tmp_path / "exits")), tmp_path / "x", progress=False)
     with pytest.raises(ConfigError, match="follows --init-from"):
         train(replace(cfg, init_from=None, finetune_epochs=1), tmp_path / "y", progress=False)
+
+
+def test_a_finished_run_kept_without_its_optimizer_still_seeds_init_from(tmp_path, npz_data):
+    base = tiny_cfg(npz_data, mode="base", exits="3exit", assignment=[], weights=[1.0], thresholds=[], epochs=1)
+    train(base, tmp_path / "base", progress=False)
+    path = tmp_path / "base" / "checkpoint.pt"
+    ck = torch.load(path, weights_only=False)
+    torch.save({**ck, "optimizer": None}, path)  # as the committed zoo base run is kept
+    assert train(base, tmp_path / "base", progress=False)["finished"]  # nothing left to resume
+    cfg = tiny_cfg(npz_data, epochs=1, init_from=str(tmp_path / "base"))
+    assert train(cfg, tmp_path / "exits", progress=False)["finished"]
+
+    # An unfinished run without its optimizer state says why it cannot resume.
+    train(base, tmp_path / "half", progress=False, max_steps=2)
+    half = tmp_path / "half" / "checkpoint.pt"
+    torch.save({**torch.load(half, weights_only=False), "optimizer": None}, half)
+    with pytest.raises(ConfigError, match="no optimizer state"):
+        train(base, tmp_path / "half", progress=False)
