@@ -62,7 +62,10 @@ def metadata(name: str, cfg, classes: ExitClasses, class_names: list[str], in_sh
                 "costs": cfg.costs if uses_costs(cfg.mode) else None, "masking": cfg.masking,
                 "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "schedule": cfg.schedule,
                 "augment": cfg.augment, "seed": cfg.seed, "precision": cfg.precision,
-                "validation": cfg.val_size, "init_from": cfg.init_from, "finetune_epochs": cfg.finetune_epochs}
+                "validation": cfg.val_size, "finetune_epochs": cfg.finetune_epochs,
+                # The base run by name: its path on the training machine means nothing where the
+                # model is served (the run's config.json keeps the path, for resuming).
+                "init_from": Path(cfg.init_from).name if cfg.init_from else None}
     training.update(training_extra or {})
     return {"format_version": 1, "name": name, "classes": class_names,
             "input": {"shape": in_shape, "scale": 1.0 / 255.0, "mean": mean, "std": std},

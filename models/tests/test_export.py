@@ -177,6 +177,10 @@ def test_init_from_a_base_run_keeps_its_backbone_while_frozen_then_fine_tunes(tm
     assert done["finished"] and done["epochs"] == 2
     ck2 = torch.load(tmp_path / "tuned" / "checkpoint.pt", weights_only=False)["model"]
     assert not torch.equal(ck2["segments.0.0.weight"], ck_base["segments.0.0.0.weight"]), "fine-tuning moves it"
+    export_run(tmp_path / "tuned", tmp_path / "tuned.onnx", calibrate=None)
+    proto = onnx.load(str(tmp_path / "tuned.onnx"))
+    meta = json.loads({p.key: p.value for p in proto.metadata_props}["classynet"])
+    assert meta["training"]["init_from"] == "base", "the model names its base run, not a local path"
 
     with pytest.raises(ConfigError, match="held out other validation samples"):
         train(replace(cfg, seed=4), tmp_path / "other", progress=False)
