@@ -19,10 +19,14 @@ def study(tmp_path, monkeypatch, validation: Path | None, trained_with_split: bo
     real_meta = reproduce._meta
 
     def meta(path):
-        # The zoo's files predate the split; stand in for files trained with it.
+        # Stand in for files trained with the split (as the zoo's are) or without it (as a model
+        # trained on the whole training set is), whatever the zoo holds today.
         m = json.loads(real_meta(path))
+        training = m.setdefault("training", {})
         if trained_with_split:
-            m.setdefault("training", {})["validation"] = "auto"
+            training["validation"] = "auto"
+        else:
+            training.pop("validation", None)
         return json.dumps(m)
 
     monkeypatch.setattr(reproduce, "_meta", meta)
