@@ -152,7 +152,7 @@ def intro(cards: list[dict]) -> list[str]:
             "calibrates every exit's threshold on the validation split (`classynet calibrate --target",
             "precision=0.99`) and writes them into the model, so that a server loading the file uses them; the",
             "typed thresholds and their results are on each card. The table's figures are at the thresholds in",
-            "the model. A card without a base run trained from scratch (its recipe says so).",
+            "the model. A model whose card names no base run was trained from scratch.",
             "[reports/zoo-recipes](../../reports/zoo-recipes/README.md) compares the recipes.",
         ]
     return [
