@@ -32,6 +32,7 @@ def write_card(onnx_path: Path, info: dict, base_card: Path | None = None) -> di
         "calibration": info.get("calibration") and {
             k: info["calibration"][k] for k in ("target", "samples", "accuracy", "final_exit_accuracy")},
         "exit_weights": cfg["weights"],
+        "exit_convs": cfg.get("exit_convs", 1),
         "costs": cfg["costs"] if cfg["mode"] in ("cn+c", "cs") else None,
         "train_minutes": summary.get("train_minutes"), "hardware": summary.get("hardware"),
         "precision": summary.get("precision"),
@@ -82,7 +83,9 @@ def markdown(c: dict) -> str:
         f"{c['backbone']} {c['exits'] if c['mode'] != 'base' else '(no early exits)'}, mode `{c['mode']}`"
         + (f", scheme `{c['scheme']}`" if c["mode"] in ("cn", "cn+c", "cs") else "")
         + f", trained on {c['dataset']} for {recipe(c)} (seed {c['seed']}, batch {c['batch_size']}, "
-          f"Adam lr {c['lr']}, {c['schedule']} schedule).",
+          f"Adam lr {c['lr']}, {c['schedule']} schedule)."
+        + (f" Early exit heads with {c['exit_convs']} conv layers, exit weights {c['exit_weights']}."
+           if c.get("exit_convs", 1) > 1 else ""),
         "",
         f"- Final-exit test accuracy: **{pct(c['final_exit_accuracy'])}**",
     ]

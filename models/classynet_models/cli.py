@@ -33,7 +33,7 @@ def config_from(args: argparse.Namespace):
         batch_size=args.batch_size, lr=args.lr, schedule=args.schedule, augment=args.augment,
         seed=args.seed, precision=args.precision, val_size=args.val_size,
         init_from=str(args.init_from.resolve()) if args.init_from else None,
-        finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
+        finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr, exit_convs=args.exit_convs,
     )
 
 
@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--assign", help="classes per early exit, e.g. '9;8;6;1;7;0' (default: the paper's)")
     t.add_argument("--weights", type=floats, help="exit-weight vector, one per exit (default: the paper's)")
     t.add_argument("--thresholds", type=floats, help="entropy thresholds (nats), one per early exit")
+    t.add_argument("--exit-convs", type=int, default=1,
+                   help="conv 3x3 stride-2 layers in each early exit's head before its pool (default 1; "
+                        "more keep more of an object's shape at the earliest exits)")
     t.add_argument("--costs", type=floats, default=[0.5, 1.0, 1.5, 2.0], help="c1,c2,c3,c4 of the cost matrix")
     t.add_argument("--masking", action="store_true", help="instance-level masking of samples that already exit")
     t.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist, cifar10, svhn or npz:PATH")

@@ -58,7 +58,7 @@ def metadata(name: str, cfg, classes: ExitClasses, class_names: list[str], in_sh
                       "threshold": None if last else float(cfg.thresholds[i])})
     training = {"mode": cfg.mode, "scheme": cfg.scheme, "backbone": cfg.backbone, "exit_config": cfg.exit_config(),
                 "dataset": cfg.dataset, "class_sets": [list(s) for s in classes.sets],
-                "assignment": cfg.assignment, "exit_weights": cfg.weights,
+                "assignment": cfg.assignment, "exit_weights": cfg.weights, "exit_convs": cfg.exit_convs,
                 "costs": cfg.costs if uses_costs(cfg.mode) else None, "masking": cfg.masking,
                 "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "schedule": cfg.schedule,
                 "augment": cfg.augment, "seed": cfg.seed, "precision": cfg.precision,

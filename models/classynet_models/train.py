@@ -56,6 +56,8 @@ class TrainConfig:
     init_from: str | None = None
     finetune_epochs: int = 0
     finetune_lr: float | None = None  # default: lr / 10
+    # Conv layers in each early exit's head (backbones.ExitHead); runs from before read as 1.
+    exit_convs: int = 1
 
     def exit_config(self) -> str:
         return "base" if self.mode == "base" else self.exits
@@ -86,6 +88,8 @@ class TrainConfig:
                               "a base run has no exits to train")
         if self.finetune_epochs and self.init_from is None:
             raise ConfigError("--finetune-epochs follows --init-from (the frozen phase); without it, use --epochs")
+        if self.exit_convs < 1:
+            raise ConfigError(f"--exit-convs must be 1 or more (conv layers in each exit head), got {self.exit_convs}")
         if self.schedule not in ("cosine", "constant"):
             raise ConfigError(f"unknown schedule {self.schedule!r} (cosine or constant)")
         return classes
@@ -106,7 +110,7 @@ def build_model(cfg: TrainConfig, classes: ExitClasses, in_channels: int) -> tor
     from .backbones import BACKBONES
 
     widths = exit_widths(cfg.mode, classes)
-    return BACKBONES[cfg.backbone].build(cfg.exit_config(), in_channels, widths)
+    return BACKBONES[cfg.backbone].build(cfg.exit_config(), in_channels, widths, cfg.exit_convs)
 
 
 def hardware() -> str:

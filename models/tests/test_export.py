@@ -117,6 +117,24 @@ def test_train_rejects_bad_configs(npz_data, tmp_path):
         train(tiny_cfg(npz_data, scheme="mc", assignment=[[1], [1]]), tmp_path / "x", progress=False)
     with pytest.raises(ConfigError, match="class 7, but class ids run 0..2"):
         train(tiny_cfg(npz_data, assignment=[[7], [1]]), tmp_path / "x", progress=False)
+    with pytest.raises(ConfigError, match="--exit-convs must be 1 or more"):
+        train(tiny_cfg(npz_data, exit_convs=0), tmp_path / "x", progress=False)
+
+
+def test_deeper_exit_heads_keep_the_one_conv_names_and_export(tmp_path, npz_data):
+    """--exit-convs 2 adds a conv to every early exit's head; a one-conv head keeps the names of
+    the checkpoints written before the option, and the deeper model exports and verifies."""
+    one, two = resnet(110, "7exit", 1, [10] * 7), resnet(110, "7exit", 1, [10] * 7, head_convs=2)
+    assert set(one.heads[0].state_dict()) == {"conv.weight", "bn.weight", "bn.bias", "bn.running_mean",
+                                              "bn.running_var", "bn.num_batches_tracked", "fc.weight", "fc.bias"}
+    assert two.heads[0].fc.in_features == 64 and two.heads[6].fc.in_features == one.heads[6].fc.in_features
+    logits = two(torch.zeros(2, 1, 28, 28))
+    assert [tuple(x.shape) for x in logits] == [(2, 10)] * 7
+    train(tiny_cfg(npz_data, exit_convs=2, epochs=1), tmp_path / "run", progress=False)
+    info = export_run(tmp_path / "run", tmp_path / "deep.onnx")
+    assert info["max_abs_diff"] <= 1e-4
+    meta = json.loads({p.key: p.value for p in onnx.load(str(tmp_path / "deep.onnx")).metadata_props}["classynet"])
+    assert meta["training"]["exit_convs"] == 2
 
 
 def test_export_calibrates_the_thresholds_on_the_validation_split(tmp_path):

@@ -13,7 +13,7 @@ from .tiny import TINY_EXITS, tiny
 @dataclass(frozen=True)
 class Backbone:
     exits: dict[str, list[int]]
-    make: Callable[[str, int, list[int]], EarlyExitNet]
+    make: Callable[[str, int, list[int], int], EarlyExitNet]
 
     def exit_layers(self, config: str) -> list[int]:
         if config not in self.exits:
@@ -22,20 +22,21 @@ class Backbone:
             raise ConfigError(f"unknown exit configuration {config!r} (known: {', '.join(self.exits)})")
         return self.exits[config]
 
-    def build(self, config: str, in_channels: int, widths: list[int]) -> EarlyExitNet:
+    def build(self, config: str, in_channels: int, widths: list[int], head_convs: int = 1) -> EarlyExitNet:
+        """`head_convs`: conv layers in every early exit's head (see ``ExitHead``)."""
         self.exit_layers(config)
-        return self.make(config, in_channels, widths)
+        return self.make(config, in_channels, widths, head_convs)
 
 
 BACKBONES: dict[str, Backbone] = {
-    "resnet110": Backbone(EXIT_LAYERS, lambda c, i, w: resnet(110, c, i, w)),
-    "resnet20": Backbone(EXIT_LAYERS, lambda c, i, w: resnet(20, c, i, w)),
+    "resnet110": Backbone(EXIT_LAYERS, lambda c, i, w, h: resnet(110, c, i, w, h)),
+    "resnet20": Backbone(EXIT_LAYERS, lambda c, i, w, h: resnet(20, c, i, w, h)),
     "tiny": Backbone(TINY_EXITS, tiny),
 }
 
 
-def build(name: str, config: str, in_channels: int, widths: list[int]) -> EarlyExitNet:
-    return BACKBONES[name].build(config, in_channels, widths)
+def build(name: str, config: str, in_channels: int, widths: list[int], head_convs: int = 1) -> EarlyExitNet:
+    return BACKBONES[name].build(config, in_channels, widths, head_convs)
 
 
 __all__ = ["BACKBONES", "Backbone", "EarlyExitNet", "ExitHead", "build"]

@@ -72,7 +72,7 @@ class FinalHead(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-def resnet(depth: int, exits: str, in_channels: int, widths: list[int]) -> EarlyExitNet:
+def resnet(depth: int, exits: str, in_channels: int, widths: list[int], head_convs: int = 1) -> EarlyExitNet:
     """A CIFAR-style ResNet of `depth` = 6n + 2 layers with the named exit configuration.
 
     `widths` gives the number of logits of each exit (|S_m| + 1 for a bag exit, K for a plain
@@ -110,6 +110,6 @@ def resnet(depth: int, exits: str, in_channels: int, widths: list[int]) -> Early
             seq = [stem, *seq]
         segments.append(nn.Sequential(*seq))
         last = m == len(exit_units) - 1
-        heads.append(FinalHead(channels[u - 1], k) if last else ExitHead(channels[u - 1], k))
+        heads.append(FinalHead(channels[u - 1], k) if last else ExitHead(channels[u - 1], k, convs=head_convs))
         start = u
     return EarlyExitNet(segments, heads)

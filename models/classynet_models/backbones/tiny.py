@@ -21,7 +21,7 @@ def _block(cin: int, cout: int, pool: bool) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-def tiny(config: str, in_channels: int, widths: list[int]) -> EarlyExitNet:
+def tiny(config: str, in_channels: int, widths: list[int], head_convs: int = 1) -> EarlyExitNet:
     n = len(TINY_EXITS[config])
     if len(widths) != n:
         raise ValueError(f"tiny {config} has {n} exits, got {len(widths)} widths")
@@ -33,6 +33,6 @@ def tiny(config: str, in_channels: int, widths: list[int]) -> EarlyExitNet:
         else:
             segments.append(_block(cin, c, pool=m < 2))
         last = m == n - 1
-        heads.append(FinalHead(c, widths[m]) if last else ExitHead(c, widths[m], width=16))
+        heads.append(FinalHead(c, widths[m]) if last else ExitHead(c, widths[m], width=16, convs=head_convs))
         cin = c
     return EarlyExitNet(segments, heads)
