@@ -9,7 +9,7 @@ matplotlib.use("Agg")  # files only: no display on servers or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .tables import markdown, pct, times  # noqa: E402
+from .tables import markdown, partition_of, pct, times  # noqa: E402
 
 LABELS = {"base": "Baseline", "bn": "BN", "bn+gate": "BN + gating", "cn": "CN", "cn+c": "CN+C"}
 EARLY = ["bn", "bn+gate", "cn", "cn+c"]
@@ -173,10 +173,12 @@ def budget_table(res: dict, link: str) -> list:
         part = p["partition"]
         cells = [b, part + ("" if p["fits"] else " *")]
         for k in ("bn", "cn", "cn+c", "bn+gate"):
+            own = partition_of(p, k)
             for data in ("uniform", "biased"):
-                r = net(res, link, k, part, data)
+                r = net(res, link, k, own, data)
                 cells.append(None if r is None else f"{r['seconds']:.2f} s · {100 * r['accuracy']:.1f} %"
-                             + (f" · {r['answered']['degraded']} degraded" if r["answered"]["degraded"] else ""))
+                             + (f" · {r['answered']['degraded']} degraded" if r["answered"]["degraded"] else "")
+                             + ("" if own == part else f" (at {own} †)"))
         rows.append(cells)
     return rows
 
@@ -188,7 +190,7 @@ def plot_budgets(res: dict, path: Path) -> None:
     for ax, data in zip(axes, ("uniform", "biased")):
         for k in ("bn", "cn", "cn+c", "bn+gate"):
             for link, style in (("shaped", "o-"), ("loopback", "x:")):
-                ys = [net(res, link, k, parts[b]["partition"], data) for b in order]
+                ys = [net(res, link, k, partition_of(parts[b], k), data) for b in order]
                 if all(y is None for y in ys):
                     continue
                 ax.plot(order, [y["seconds"] if y else np.nan for y in ys], style, color=COLORS[k],
@@ -415,6 +417,14 @@ def write(out: Path, res: dict) -> Path:
                      p["paper_formula"]["explanation"] or p["paper_formula"]["error"]])
     w(markdown(["budget", "partition run", "its size (paper formula)", "runtime formula would pick", "planner"],
                rows, align="lllll"))
+    own = sorted({(b, k, partition_of(p, k)) for b, p in parts.items() for k in ("cn", "cn+c")
+                  if partition_of(p, k) != p["partition"]})
+    if own:
+        w("† " + "; ".join(f"at {b}, {LABELS[k]} runs {e} ({parts[b]['by_model'][k]['paper_formula_bytes'] / 1e6:.2f} MB"
+                           " by the paper's formula)" for b, k, e in own)
+          + ": its exit heads are larger than BranchyNet's (the zoo's CN+C has two conv layers per early-exit "
+          "head, `--exit-convs 2`), so the deepest partition that fits is shallower. Each model runs at its own "
+          "pick; the table's partition is BranchyNet's.\n")
     if any(not p["fits"] for p in parts.values()):  # noqa: SIM110
         w("\\* No partition fits this budget; the smallest (E1) is run, over budget. The zoo's ResNet-110 has "
           "heavier exit branches than the paper's (E2 holds 51,365 parameters here, 37,728 in the paper), so the "
@@ -450,11 +460,14 @@ def write(out: Path, res: dict) -> Path:
         w(markdown(headers, budget_table(res, "shaped")))
         first = budgets(res)[0]
         p0 = parts[first]["partition"]
-        bnb, cnb = net(res, "shaped", "bn", p0, "biased"), net(res, "shaped", "cn+c", p0, "biased")
+        bnb = net(res, "shaped", "bn", p0, "biased")
+        cnb = net(res, "shaped", "cn+c", partition_of(parts[first], "cn+c"), "biased")
         if bnb and cnb:
             ratio = bnb["seconds"] / cnb["seconds"]
+            c0 = partition_of(parts[first], "cn+c")
+            cuts = p0 if c0 == p0 else f"BN at {p0}, CN+C at {c0}"
             w(f"**Finding: at the smallest budget with biased traffic CN+C beats BN by several times** (paper: "
-              f"61,283 vs 8,412 ms, 7.3×): {verdict(ratio >= 3)}: at {first} ({p0}) BN takes {bnb['seconds']:.2f} s "
+              f"61,283 vs 8,412 ms, 7.3×): {verdict(ratio >= 3)}: at {first} ({cuts}) BN takes {bnb['seconds']:.2f} s "
               f"and CN+C {cnb['seconds']:.2f} s, {ratio:.1f}×. BN sends {bnb['answered']['cloud']:,} of "
               f"{bnb['samples']:,} samples to the cloud, CN+C {cnb['answered']['cloud']:,}: what decides the "
               "time at a low cut is how much crosses the link. "
@@ -471,10 +484,12 @@ def write(out: Path, res: dict) -> Path:
             for d in ("uniform", "biased"):
                 cells = [b, p["partition"], d]
                 for k in ("bn", "cn", "cn+c", "bn+gate"):
-                    f32, i8 = net(res, "shaped", k, p["partition"], d), net(res, "shaped", k, p["partition"], d, "int8")
+                    own = partition_of(p, k)
+                    f32, i8 = net(res, "shaped", k, own, d), net(res, "shaped", k, own, d, "int8")
                     cells.append(None if not (f32 and i8) else
                                  f"{f32['seconds']:.2f} → {i8['seconds']:.2f} s ({f32['seconds'] / i8['seconds']:.2f}×), "
-                                 f"{100 * (i8['accuracy'] - f32['accuracy']):+.2f} pts")
+                                 f"{100 * (i8['accuracy'] - f32['accuracy']):+.2f} pts"
+                                 + ("" if own == p["partition"] else f" (at {own} †)"))
                 rows.append(cells)
         w(markdown(["budget", "partition", "set"] + [LABELS[k] for k in ("bn", "cn", "cn+c", "bn+gate")], rows))
     w("### On loopback (no shaping)\n")

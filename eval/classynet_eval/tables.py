@@ -44,3 +44,10 @@ def ms(seconds: float | None) -> str | None:
 
 def times(x: float | None, digits: int = 2) -> str | None:
     return None if x is None else f"{x:.{digits}f}×"
+
+
+def partition_of(budget: dict, model: str) -> str:
+    """The partition `model` runs at one budget of results["partitions"] (BN + gating is BN's
+    file; results from before `by_model` have one partition for all)."""
+    k = "bn" if model == "bn+gate" else model
+    return budget.get("by_model", {}).get(k, {}).get("partition", budget["partition"])

@@ -1,6 +1,6 @@
 import pytest
 
-from classynet_eval.tables import TableError, markdown, ms, pct, times
+from classynet_eval.tables import TableError, markdown, ms, partition_of, pct, times
 
 
 def test_markdown_layout():
@@ -19,3 +19,12 @@ def test_alignment_and_shape_errors():
         markdown(["a", "b"], [[1, 2], [3]])
     with pytest.raises(TableError, match="one of l/r/c per column"):
         markdown(["a", "b"], [], align="x")
+
+
+def test_each_model_runs_its_own_partition_and_bn_gating_runs_bns():
+    budget = {"partition": "E2", "by_model": {"bn": {"partition": "E2"}, "cn+c": {"partition": "E1"}}}
+    assert partition_of(budget, "cn+c") == "E1"
+    assert partition_of(budget, "bn+gate") == "E2"
+    # A model the budget does not list, and results written before `by_model`, run the row's cut.
+    assert partition_of(budget, "cn") == "E2"
+    assert partition_of({"partition": "E4"}, "cn+c") == "E4"
