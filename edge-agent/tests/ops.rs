@@ -247,8 +247,14 @@ async fn health_is_not_serving_until_warm_and_sigterm_answers_every_accepted_req
             held.push(s);
         }
     });
+    // The model arrives through a FIFO that the test writes only after its first health check:
+    // the agent listens at once and then blocks reading the model, so the check surely falls
+    // while it is loading (a regular file can load faster than a gRPC client connects).
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("resnet110-7exit-cnc.onnx");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_edge-agent"))
-        .args(["--model", zoo("resnet110-7exit-cnc.onnx").to_str().unwrap(), "--partition", "E1"])
+        .args(["--model", fifo.to_str().unwrap(), "--partition", "E1"])
         .args(["--server", &hole_addr.to_string(), "--listen", "127.0.0.1:0", "--threads", "1"])
         .args(["--log-format", "json", "--cloud-timeout-ms", "1500", "--shutdown-timeout-s", "20"])
         .env("RUST_LOG", "info")
@@ -259,8 +265,10 @@ async fn health_is_not_serving_until_warm_and_sigterm_answers_every_accepted_req
         .unwrap();
     let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
     let addr = addr_in(&wait_for_line(&mut lines, "accepting connections").await);
-    // Loading and warming the ResNet-110 head takes a while: health says NOT_SERVING (2) meanwhile.
-    let first = health(&addr).await;
+    // Loading and warming the head: health says NOT_SERVING (2) meanwhile.
+    let first = tokio::time::timeout(Duration::from_secs(20), health(&addr)).await.ok().flatten();
+    let model = std::fs::read(zoo("resnet110-7exit-cnc.onnx")).unwrap();
+    tokio::task::spawn_blocking(move || std::fs::write(fifo, model)).await.unwrap().unwrap();
     wait_for_line(&mut lines, "edge-agent ready").await;
     let ready = health(&addr).await;
     assert_eq!((first, ready), (Some(2), Some(1)), "NOT_SERVING while warming up, then SERVING");
