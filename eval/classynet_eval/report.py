@@ -422,9 +422,9 @@ def write(out: Path, res: dict) -> Path:
     if own:
         w("† " + "; ".join(f"at {b}, {LABELS[k]} runs {e} ({parts[b]['by_model'][k]['paper_formula_bytes'] / 1e6:.2f} MB"
                            " by the paper's formula)" for b, k, e in own)
-          + ": its exit heads are larger than BranchyNet's (the zoo's CN+C has two conv layers per early-exit "
-          "head, `--exit-convs 2`), so the deepest partition that fits is shallower. Each model runs at its own "
-          "pick; the table's partition is BranchyNet's.\n")
+          + ": its exit heads hold more parameters than BranchyNet's (the model's card gives their conv layers), "
+          "so the deepest partition that fits is shallower. Each model runs at its own pick; the table's "
+          "partition is BranchyNet's.\n")
     if any(not p["fits"] for p in parts.values()):  # noqa: SIM110
         w("\\* No partition fits this budget; the smallest (E1) is run, over budget. The zoo's ResNet-110 has "
           "heavier exit branches than the paper's (E2 holds 51,365 parameters here, 37,728 in the paper), so the "
