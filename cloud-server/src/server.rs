@@ -81,7 +81,11 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
 
     tracing::info!(%addr, "accepting connections; health is NOT_SERVING until the model is loaded and warm");
     let slot: Slot = Arc::default();
-    let inference = GrpcInferenceServiceServer::new(InferenceApi(slot.clone()))
+    // Forwards come compressed (zstd or gzip) or not; answers go back uncompressed (a few
+    // bytes per sample).
+    let inference = classynet_serving::wire::ACCEPTED
+        .into_iter()
+        .fold(GrpcInferenceServiceServer::new(InferenceApi(slot.clone())), |s, e| s.accept_compressed(e))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(usize::MAX);
     let control = ControlServer::new(ControlApi(slot.clone()));

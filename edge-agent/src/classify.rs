@@ -40,6 +40,7 @@ pub async fn classify(
     let sem = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
     let start = Instant::now();
     let bytes_before = edge.stats.wire_bytes.load(Ordering::Relaxed);
+    let sent_before = edge.stats.wire_sent_bytes.load(Ordering::Relaxed);
     let replicas_before = edge.forwards_per_replica();
     let mut tasks = Vec::with_capacity(n);
     for i in 0..n {
@@ -90,6 +91,9 @@ pub async fn classify(
     report.seconds = start.elapsed().as_secs_f64();
     report.policy_version = edge.policy_version();
     let wire = edge.stats.wire_bytes.load(Ordering::Relaxed) - bytes_before;
+    let sent = edge.stats.wire_sent_bytes.load(Ordering::Relaxed) - sent_before;
+    // Per sample that crossed the link (answered by the cloud, or degraded after trying).
+    let forwarded = (at_cloud + degraded).max(1) as f64;
     let (p50, p90, p99) =
         (percentile(&mut latencies, 0.5), percentile(&mut latencies, 0.9), percentile(&mut latencies, 0.99));
     let mut place_json = serde_json::Map::new();
@@ -108,6 +112,18 @@ pub async fn classify(
     obj.insert("latency_ms".into(), serde_json::json!({"p50": p50, "p90": p90, "p99": p99}));
     obj.insert("latency_ms_by_place".into(), serde_json::Value::Object(place_json));
     obj.insert("wire_bytes_per_sample".into(), serde_json::json!(wire as f64 / n as f64));
+    // Before compression (the tensors) and after (the messages on the wire, gRPC framing and
+    // compression included).
+    obj.insert(
+        "wire".into(),
+        serde_json::json!({
+            "tensor_bytes": wire,
+            "sent_bytes": sent,
+            "tensor_bytes_per_forwarded_sample": wire as f64 / forwarded,
+            "sent_bytes_per_forwarded_sample": sent as f64 / forwarded,
+            "compression_ratio": if sent > 0 { wire as f64 / sent as f64 } else { 0.0 },
+        }),
+    );
     obj.insert("partition".into(), serde_json::json!(format!("E{}", edge.k)));
     // Where the forwards went: with several cloud replicas, how evenly they were spread.
     let mut replicas = serde_json::Map::new();
@@ -123,13 +139,15 @@ pub async fn classify(
     };
     obj.insert("cloud_replicas".into(), serde_json::Value::Object(replicas));
     let text = format!(
-        "{}\nanswered on the edge {at_edge}, in the cloud {at_cloud}, degraded {degraded} · partition E{}\nlatency p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms · {:.0} bytes on the wire per sample\ntime to answer: {}{replica_text}",
+        "{}\nanswered on the edge {at_edge}, in the cloud {at_cloud}, degraded {degraded} · partition E{}\nlatency p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms · per forwarded sample {:.0} bytes of tensor, {:.0} sent ({:.2}x)\ntime to answer: {}{replica_text}",
         report.table(""),
         edge.k,
         p50,
         p90,
         p99,
-        wire as f64 / n as f64,
+        wire as f64 / forwarded,
+        sent as f64 / forwarded,
+        if sent > 0 { wire as f64 / sent as f64 } else { 0.0 },
         place_text.join(" · ")
     );
     Ok(ClassifyOutput { json, text, answers })

@@ -7,6 +7,7 @@ use classynet_runtime::engine::{BackendChoice, EngineOptions, Provider, SessionO
 use classynet_runtime::planner::BatchChoice;
 use classynet_serving::codec::WireDtype;
 use classynet_serving::telemetry::{self, LogFormat};
+use classynet_serving::wire::WireCompression;
 
 /// Edge side of the ClassyNet split runtime.
 #[derive(Debug, Clone, Parser)]
@@ -21,8 +22,12 @@ pub struct Config {
     /// Seconds between two DNS resolutions of the --server names (replicas come and go).
     #[arg(long, env = "EDGE_AGENT_RESOLVE_INTERVAL_S", default_value_t = 10)]
     pub resolve_interval_s: u64,
-    /// Exits kept on this device: E2 runs exits E1 and E2 here and forwards the rest.
-    #[arg(long, env = "EDGE_AGENT_PARTITION", conflicts_with = "memory_budget")]
+    /// Exits kept on this device: E2 runs exits E1 and E2 here and forwards the rest. `auto`
+    /// loads the deepest head that fits --memory-budget (without one: every exit but the last)
+    /// and chooses per batch after which of its exits to forward, from the measured compute per
+    /// segment, the link's round trip and throughput, the cloud's time per cut and the recent
+    /// share of samples leaving at each exit (needs --model).
+    #[arg(long, env = "EDGE_AGENT_PARTITION", value_name = "Ek|auto")]
     pub partition: Option<String>,
     /// Pick the deepest partition whose weights + activations fit, e.g. 5.54MB (needs --model), at
     /// --max-batch. The budget is the model's: the process holds the engine's baseline on top
@@ -48,10 +53,15 @@ pub struct Config {
     /// Most samples admitted and not yet answered; more are refused.
     #[arg(long, env = "EDGE_AGENT_MAX_QUEUE", default_value_t = 1024)]
     pub max_queue: usize,
-    /// How cut tensors travel: fp32 (exact), fp16 (half the bytes) or int8 (a quarter, per-tensor
-    /// scale and zero point).
+    /// How cut tensors travel: fp32 (exact), fp16 (half the bytes) or int8 (a quarter, a scale
+    /// and zero point per channel).
     #[arg(long, env = "EDGE_AGENT_WIRE_DTYPE", value_enum, default_value_t = WireDtype::Fp32)]
     pub wire_dtype: WireDtype,
+    /// gRPC message compression of the forwarded cut tensors: zstd, gzip, none, or auto (zstd
+    /// towards a cloud on another host, none towards loopback). The cut tensors come out of
+    /// ReLUs, so many values are zero; a cloud that refuses an encoding is sent what it accepts.
+    #[arg(long, env = "EDGE_AGENT_WIRE_COMPRESSION", value_enum, default_value_t = WireCompression::Auto)]
+    pub wire_compression: WireCompression,
     /// After this many milliseconds without the cloud's answer, answer locally (degraded).
     #[arg(long, env = "EDGE_AGENT_CLOUD_TIMEOUT_MS", default_value_t = 2000)]
     pub cloud_timeout_ms: u64,
@@ -146,6 +156,23 @@ pub fn init_logging(format: LogFormat) {
 }
 
 impl Config {
+    /// `--partition auto`: the cut is chosen per batch.
+    pub fn adaptive(&self) -> bool {
+        self.partition.as_deref().is_some_and(|p| p.eq_ignore_ascii_case("auto"))
+    }
+
+    /// Checks the flags that clap cannot check alone.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if let (Some(p), Some(b)) = (&self.partition, &self.memory_budget) {
+            anyhow::ensure!(
+                self.adaptive(),
+                "--partition {p} and --memory-budget {b} both choose the partition: give one, or --partition auto \
+                 to choose per batch within the budget"
+            );
+        }
+        Ok(())
+    }
+
     /// Which engine runs the graphs, and how.
     pub fn engine_options(&self) -> EngineOptions {
         EngineOptions {

@@ -8,17 +8,21 @@
 //! link (or turns out to serve another model) is retried once on another replica before its
 //! samples are answered degraded.
 
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use classynet_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use classynet_proto::inference::ModelInferRequest;
 use classynet_runtime::exit::Answer;
 use classynet_runtime::runner::{Forward, SampleResult};
+use classynet_runtime::split::SplitPlanner;
 use classynet_serving::batcher::{Forwarder, Origin};
 use classynet_serving::codec::{self, string_param, WireDtype, PARAM_CUT, PARAM_FINGERPRINT, PARAM_POLICY_VERSION};
 use classynet_serving::telemetry;
+use classynet_serving::wire::{self, Metered, SentBytes, WireCompression};
+use tonic::codec::CompressionEncoding;
 
 use tonic::transport::Channel;
 use tonic::Code;
@@ -31,7 +35,10 @@ pub struct Stats {
     pub edge: AtomicU64,
     pub cloud: AtomicU64,
     pub degraded: AtomicU64,
+    /// Bytes of the forwarded cut tensors, before compression.
     pub wire_bytes: AtomicU64,
+    /// Bytes the forwards put on the wire: the messages after gRPC compression and framing.
+    pub wire_sent_bytes: AtomicU64,
     /// Forwards retried on a second cloud replica after the first failed.
     pub retried: AtomicU64,
     /// Policy updates a cloud replica offered that were older than the policy in force (after
@@ -46,9 +53,12 @@ pub(crate) struct ForwardContext {
     /// Longest wait for one replica's answer.
     pub(crate) timeout: Duration,
     pub(crate) dtype: WireDtype,
+    pub(crate) compression: WireCompression,
+    /// Set when a cloud refused our compression: what it accepts instead (`None`: nothing).
+    pub(crate) compression_fallback: Mutex<Option<Option<CompressionEncoding>>>,
     pub(crate) stats: Arc<Stats>,
-    /// Exits held on this edge (the cut is after exit k).
-    pub(crate) k: usize,
+    /// `--partition auto`: told what each forward cost, to choose the next cuts.
+    pub(crate) split: Option<Arc<SplitPlanner>>,
     pub(crate) fingerprint: String,
     pub(crate) policy_version: Arc<AtomicU64>,
 }
@@ -59,6 +69,19 @@ pub(crate) fn forwarder(ctx: Arc<ForwardContext>) -> Forwarder {
         let ctx = ctx.clone();
         Box::pin(async move { ctx.forward(fwd).await })
     })
+}
+
+/// A call that did not give answers: a miss, or a refusal of our compression (retried with what
+/// the cloud accepts).
+enum Refusal {
+    Miss(Miss),
+    Compression(Vec<CompressionEncoding>),
+}
+
+impl From<Miss> for Refusal {
+    fn from(m: Miss) -> Refusal {
+        Refusal::Miss(m)
+    }
 }
 
 /// Why the cloud did not answer, and whether that says the link is unhealthy.
@@ -74,6 +97,10 @@ enum Miss {
 impl ForwardContext {
     async fn forward(&self, fwd: Forward) -> Vec<(SampleResult, Origin)> {
         let n = fwd.rows.len();
+        let cut = format!("E{}", fwd.after_exit);
+        metrics::gauge!(telemetry::SPLIT_CUT, "side" => "edge").set(fwd.after_exit as f64);
+        metrics::counter!(telemetry::SPLIT_DECISIONS, "side" => "edge", "cut" => cut, "reason" => fwd.reason.label())
+            .increment(1);
         let answers = match &self.pool {
             Some(pool) => self.balanced(pool, &fwd).await,
             None => None,
@@ -134,7 +161,7 @@ impl ForwardContext {
             }
             let generation = replica.generation();
             let in_flight = replica.begin();
-            let result = self.call(replica.client(), fwd).await;
+            let result = self.call(replica.client(), replica.addr.ip(), fwd).await;
             drop(in_flight);
             match result {
                 Ok(a) => {
@@ -158,9 +185,16 @@ impl ForwardContext {
         None
     }
 
+    /// The encoding of a forward to a cloud at `ip`: the flag's, unless a cloud refused it.
+    fn encoding(&self, ip: IpAddr) -> Option<CompressionEncoding> {
+        let fallback = *self.compression_fallback.lock().expect("no code panics while holding the fallback");
+        fallback.unwrap_or_else(|| self.compression.encoding_for(ip))
+    }
+
     async fn call(
         &self,
-        mut client: GrpcInferenceServiceClient<Channel>,
+        client: GrpcInferenceServiceClient<Metered<Channel>>,
+        ip: IpAddr,
         fwd: &Forward,
     ) -> Result<Vec<(i64, i32, f32, f32)>, Miss> {
         let (input, raw) = codec::encode_tensor("cut", &fwd.cut, self.dtype);
@@ -170,7 +204,7 @@ impl ForwardContext {
             .increment(bytes as u64);
         let req = ModelInferRequest {
             parameters: [
-                (PARAM_CUT.to_string(), string_param(format!("E{}", self.k))),
+                (PARAM_CUT.to_string(), string_param(format!("E{}", fwd.after_exit))),
                 (PARAM_FINGERPRINT.to_string(), string_param(self.fingerprint.clone())),
                 (PARAM_POLICY_VERSION.to_string(), codec::int_param(self.policy_version.load(Ordering::SeqCst) as i64)),
             ]
@@ -179,20 +213,69 @@ impl ForwardContext {
             raw_input_contents: vec![raw],
             ..Default::default()
         };
+        // A cloud that refuses our compression (an older or foreign server) says what it
+        // accepts: the same forward goes again with that, once, and later forwards keep it.
+        let mut encoding = self.encoding(ip);
+        for _ in 0..2 {
+            match self.call_once(client.clone(), req.clone(), encoding, fwd, bytes).await {
+                Err(Refusal::Compression(accepted)) => {
+                    let instead = [CompressionEncoding::Zstd, CompressionEncoding::Gzip]
+                        .into_iter()
+                        .find(|e| accepted.contains(e) && Some(*e) != encoding);
+                    tracing::warn!(
+                        "the cloud refused {}-compressed forwards; sending {} from now on",
+                        wire::encoding_label(encoding),
+                        wire::encoding_label(instead)
+                    );
+                    *self.compression_fallback.lock().expect("no code panics while holding the fallback") =
+                        Some(instead);
+                    encoding = instead;
+                }
+                Err(Refusal::Miss(m)) => return Err(m),
+                Ok(a) => return Ok(a),
+            }
+        }
+        Err(Miss::Link("the cloud refused every compression offered".into()))
+    }
+
+    async fn call_once(
+        &self,
+        client: GrpcInferenceServiceClient<Metered<Channel>>,
+        req: ModelInferRequest,
+        encoding: Option<CompressionEncoding>,
+        fwd: &Forward,
+        bytes: usize,
+    ) -> Result<Vec<(i64, i32, f32, f32)>, Refusal> {
+        let rows = fwd.rows.len();
+        let mut client = match encoding {
+            Some(e) => client.send_compressed(e),
+            None => client,
+        };
+        let sent_bytes = SentBytes::default();
         // W3C trace context: the cloud logs its work on this batch under the same trace.
         let traceparent = telemetry::new_traceparent();
         let trace_id = telemetry::trace_id(&traceparent).unwrap_or("").to_string();
         let mut request = tonic::Request::new(req);
+        request.extensions_mut().insert(sent_bytes.clone());
         if let Ok(v) = traceparent.parse() {
             request.metadata_mut().insert("traceparent", v);
         }
         // The cloud sees our deadline (grpc-timeout) and does not compute what we gave up on.
         request.set_timeout(self.timeout);
-        tracing::debug!(trace_id, samples = fwd.rows.len(), bytes, cut = self.k, "forwarding to the cloud");
+        tracing::debug!(trace_id, samples = rows, bytes, cut = fwd.after_exit, "forwarding to the cloud");
         let sent = Instant::now();
-        let resp = match tokio::time::timeout(self.timeout, client.model_infer(request)).await {
-            Err(_) => return Err(Miss::Link(format!("no answer within {:?}", self.timeout))),
+        let result = tokio::time::timeout(self.timeout, client.model_infer(request)).await;
+        // Counted whatever the outcome: the bytes went out.
+        let on_wire = sent_bytes.get();
+        self.stats.wire_sent_bytes.fetch_add(on_wire, Ordering::Relaxed);
+        metrics::counter!(telemetry::WIRE_SENT_BYTES, "side" => "edge", "compression" => wire::encoding_label(encoding))
+            .increment(on_wire);
+        let resp = match result {
+            Err(_) => return Err(Miss::Link(format!("no answer within {:?}", self.timeout)).into()),
             Ok(Err(status)) => {
+                if let Some(accepted) = wire::refused_encoding(&status).filter(|_| encoding.is_some()) {
+                    return Err(Refusal::Compression(accepted));
+                }
                 let why = format!("{:?}: {}", status.code(), status.message());
                 return Err(match status.code() {
                     // The cloud's model check (see cloud-server's infer): another model's tail.
@@ -201,13 +284,14 @@ impl ForwardContext {
                         Miss::Refused(why)
                     }
                     _ => Miss::Link(why),
-                });
+                }
+                .into());
             }
             Ok(Ok(resp)) => resp,
         };
         let a = codec::read_answers(resp.get_ref()).map_err(|e| Miss::Link(format!("unreadable answer: {e}")))?;
-        if a.len() != fwd.rows.len() {
-            return Err(Miss::Link(format!("the cloud answered {} samples for {} sent", a.len(), fwd.rows.len())));
+        if a.len() != rows {
+            return Err(Miss::Link(format!("the cloud answered {} samples for {rows} sent", a.len())).into());
         }
         let rtt = sent.elapsed().as_secs_f64();
         let server = codec::param_int(&resp.get_ref().parameters, codec::PARAM_SERVER_MICROS)
@@ -216,7 +300,11 @@ impl ForwardContext {
             .min(rtt);
         metrics::histogram!(telemetry::STAGE_SECONDS, "side" => "edge", "stage" => "cloud").record(server);
         metrics::histogram!(telemetry::STAGE_SECONDS, "side" => "edge", "stage" => "network").record(rtt - server);
-        tracing::debug!(trace_id, rtt, server, "answered by the cloud");
+        tracing::debug!(trace_id, rtt, server, sent = on_wire, "answered by the cloud");
+        if let Some(split) = &self.split {
+            let exits: Vec<usize> = a.iter().filter(|r| r.1 >= 0).map(|r| r.1 as usize).collect();
+            split.record_forward(fwd.after_exit, rows, on_wire, rtt, server, &exits);
+        }
         Ok(a)
     }
 }

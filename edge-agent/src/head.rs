@@ -33,6 +33,8 @@ pub(crate) struct Head {
     /// Resident memory before the model was read, with the engine already open: the process's
     /// own baseline (code, the engine, tokio and gRPC), measured where it runs.
     pub baseline_bytes: Option<u64>,
+    /// `--partition auto`: the cut is chosen per batch, among the exits of this head.
+    pub adaptive: bool,
 }
 
 /// Finds the head this edge runs (see [`find_head`]) and its batch, and plans its memory.
@@ -57,7 +59,7 @@ pub(crate) async fn load_head(config: &Config) -> anyhow::Result<Head> {
         }
     };
     let plan_bytes = segments(&model).ok().and_then(|segs| plan(&model, &segs, max_batch).last().map(|c| c.total()));
-    Ok(Head { model, k, max_batch, plan_bytes, baseline_bytes })
+    Ok(Head { model, k, max_batch, plan_bytes, baseline_bytes, adaptive: config.adaptive() })
 }
 
 /// Hands freed heap memory back to the kernel. glibc keeps freed memory of the main heap and its
@@ -83,10 +85,15 @@ fn return_freed_heap() {
 async fn find_head(config: &Config) -> anyhow::Result<(Model, usize, Option<usize>)> {
     let wanted = |m: usize| -> anyhow::Result<Option<usize>> {
         Ok(match &config.partition {
-            Some(p) => Some(parse_partition(p, m)?),
+            Some(_) if config.adaptive() => None,
+            Some(p) => Some(parse_partition(p, m).map_err(|e| anyhow::anyhow!("--partition: {e}, or auto"))?),
             None => None,
         })
     };
+    anyhow::ensure!(
+        !(config.adaptive() && config.model.is_none()),
+        "--partition auto needs --model (the full model, or a head partition file): the edge cuts its head itself"
+    );
     if let Some(path) = &config.model {
         let model = Model::load(path)?;
         let m = model.num_exits();
@@ -117,7 +124,9 @@ async fn find_head(config: &Config) -> anyhow::Result<(Model, usize, Option<usiz
                 tracing::info!(partition = p.index + 1, batch = p.batch, "{}", p.why);
                 (p.index + 1, Some(p.batch))
             }
-            (None, None) => anyhow::bail!("give --partition Ek or --memory-budget SIZE"),
+            // Adaptive without a budget: every exit but the last, so that any cut can be chosen.
+            (None, None) if config.adaptive() => (m.saturating_sub(1).max(1), None),
+            (None, None) => anyhow::bail!("give --partition Ek (or auto) or --memory-budget SIZE"),
         };
         let head = extract_side(&model, &segs, &Side::parse(&format!("E{k}"), PartitionRole::Head, m)?)?;
         return Ok((Model::from_bytes(&head.encode_to_vec(), &format!("{} head E{k}", path.display()))?, k, batch));

@@ -39,6 +39,7 @@ use classynet_runtime::engine;
 use classynet_runtime::exit::{Policy, PolicyFile};
 use classynet_runtime::model::Model;
 use classynet_runtime::runner::SegmentedRunner;
+use classynet_runtime::split::SplitPlanner;
 use classynet_runtime::worker::Worker;
 use classynet_serving::batcher::{Admission, BatchConfig, Batcher, Origin, Served};
 pub use classynet_serving::codec::WireDtype;
@@ -87,10 +88,17 @@ pub(crate) enum Offer {
 impl Edge {
     /// Loads the head, starts its runner thread and the link to the cloud.
     pub async fn load(config: &Config) -> anyhow::Result<Arc<Edge>> {
+        config.validate()?;
         let opts = config.engine_options();
         let engine = tokio::task::spawn_blocking(move || engine::open(&opts)).await??;
-        let head::Head { model: head, k, max_batch, plan_bytes, baseline_bytes } = load_head(config).await?;
+        let head::Head { model: head, k, max_batch, plan_bytes, baseline_bytes, adaptive } = load_head(config).await?;
         let m = head.num_exits();
+        anyhow::ensure!(
+            !adaptive || config.server.is_some(),
+            "--partition auto forwards at a cut it chooses per batch: give --server ADDR"
+        );
+        // The candidate cuts are set from the runner's groups once it is built.
+        let split = adaptive.then(|| Arc::new(SplitPlanner::new(Vec::new(), m)));
         anyhow::ensure!(
             k == m || config.server.is_some(),
             "partition E{k} leaves exits E{}..E{m} to the cloud: give --server ADDR",
@@ -98,14 +106,18 @@ impl Edge {
         );
         let policy = Policy::defaults(&head.meta);
         let sample = head.meta.input.shape.clone();
-        let (h, p) = (head.clone(), policy.clone());
+        let (h, p, planner) = (head.clone(), policy.clone(), split.clone());
         let worker = tokio::task::spawn_blocking(move || {
             Worker::spawn("edge-head", 2, move || {
                 // A lone sample, the latency case, gets a plan of its own (tract: 1.8x faster
                 // than its plan for any batch). A full batch gains 1.1x from one, which costs a
                 // third copy of the packed weights (20 MB more peak at E7); not on the device.
                 let backend = EngineBackend::new(engine, &h)?.with_batches(&[1]);
-                SegmentedRunner::new(backend, 0, &p, Some(sample))
+                let runner = SegmentedRunner::new(backend, 0, &p, Some(sample))?;
+                Ok(match planner {
+                    Some(planner) => runner.with_split(planner),
+                    None => runner,
+                })
             })
         })
         .await??;
@@ -131,11 +143,13 @@ impl Edge {
         };
         let context = ForwardContext {
             // With every exit here nothing is forwarded; the pool still carries the policy.
-            pool: pool.clone().filter(|_| k < m),
+            pool: pool.clone().filter(|_| k < m || adaptive),
             timeout: Duration::from_millis(config.cloud_timeout_ms),
             dtype: config.wire_dtype,
+            compression: config.wire_compression,
+            compression_fallback: Mutex::new(None),
+            split: split.clone(),
             stats: stats.clone(),
-            k,
             fingerprint: head.fingerprint.clone(),
             policy_version: policy_version.clone(),
         };

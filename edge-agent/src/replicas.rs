@@ -25,6 +25,7 @@ use classynet_proto::control::control_client::ControlClient;
 use classynet_proto::control::DescribeRequest;
 use classynet_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use classynet_serving::telemetry;
+use classynet_serving::wire::Metered;
 use tokio::sync::{watch, Notify};
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
@@ -215,8 +216,9 @@ impl Replica {
             .set(if up { 1.0 } else { 0.0 });
     }
 
-    pub(crate) fn client(&self) -> GrpcInferenceServiceClient<Channel> {
-        GrpcInferenceServiceClient::new(self.channel.clone()).max_decoding_message_size(usize::MAX)
+    /// An inference client on this replica's channel that counts what each call sends.
+    pub(crate) fn client(&self) -> GrpcInferenceServiceClient<Metered<Channel>> {
+        GrpcInferenceServiceClient::new(Metered(self.channel.clone())).max_decoding_message_size(usize::MAX)
     }
 
     /// The generation a forward sent now carries.

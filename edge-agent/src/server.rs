@@ -51,8 +51,11 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
     let addr = bound.addr();
     tracing::info!(%addr, "accepting connections; health is NOT_SERVING until the head is loaded and warm");
     let slot: EdgeSlot = Arc::default();
-    let api =
-        GrpcInferenceServiceServer::with_interceptor(LocalApi(slot.clone()), BearerAuth::new(config.api_token.clone()));
+    // Clients may compress their images (zstd or gzip); answers go back uncompressed.
+    let api = classynet_serving::wire::ACCEPTED
+        .into_iter()
+        .fold(GrpcInferenceServiceServer::new(LocalApi(slot.clone())), |s, e| s.accept_compressed(e));
+    let api = tonic::service::interceptor::InterceptedService::new(api, BearerAuth::new(config.api_token.clone()));
     let server = bound.serve(Routes::new(api)).await?;
     let edge = match Edge::load(&config).await {
         Ok(e) => e,

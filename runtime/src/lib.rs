@@ -6,8 +6,8 @@
 //! its thresholds chosen on data ([`calibrate`]), the
 //! backend seam with its ONNX Runtime implementation ([`backend`], `ort_backend` behind the
 //! default `ort` feature), the
-//! segmented runner and its dedicated thread ([`runner`], [`worker`]) and dataset readers
-//! ([`dataset`]).
+//! segmented runner and its dedicated thread ([`runner`], [`worker`]), the per-batch choice of
+//! the cut (`--partition auto`: [`split`]) and dataset readers ([`dataset`]).
 //!
 //! It knows nothing of gRPC, edges, servers or command lines: the `classynet` tool (crate
 //! `classynet-cli`), `edge-agent` and `cloud-server` build on it. The optional `clap` feature
@@ -32,6 +32,7 @@ pub mod partition;
 pub mod planner;
 pub mod report;
 pub mod runner;
+pub mod split;
 #[cfg(feature = "tract")]
 pub mod tract_backend;
 pub mod worker;

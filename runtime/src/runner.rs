@@ -4,10 +4,13 @@
 //! ready to be forwarded (an edge head) — for a full model the last exit answers everything.
 
 use std::ops::Range;
+use std::sync::Arc;
+use std::time::Instant;
 
 use crate::backend::{Backend, Tensor};
 use crate::error::{Error, Result};
 use crate::exit::{Answer, ExitRule, Outcome, Policy};
+use crate::split::{Reason, SplitPlanner};
 
 /// The fate of one sample of a batch.
 #[derive(Debug, Clone, PartialEq)]
@@ -29,6 +32,11 @@ pub struct Forward {
     /// The deepest held exit's best guess for each, in `rows` order (`None` for non-finite
     /// logits): the answer to give when the rest of the network cannot be reached.
     pub fallback: Vec<Option<Answer>>,
+    /// The exits run before the cut (the cut is after exit `after_exit`, 1 = E1): the head's
+    /// deepest, or the one a [`SplitPlanner`] chose for this batch.
+    pub after_exit: usize,
+    /// Why the batch was cut there.
+    pub reason: Reason,
 }
 
 impl Forward {
@@ -38,6 +46,8 @@ impl Forward {
             rows: picks.iter().map(|&i| self.rows[i] - offset).collect(),
             cut: self.cut.gather(picks),
             fallback: picks.iter().map(|&i| self.fallback[i]).collect(),
+            after_exit: self.after_exit,
+            reason: self.reason,
         }
     }
 }
@@ -67,6 +77,8 @@ pub struct SegmentedRunner<B> {
     policy_version: u64,
     /// Expected shape of one input sample, when known (checked before anything runs).
     sample_shape: Option<Vec<usize>>,
+    /// Chooses each batch's cut (`--partition auto`); without it a head runs every segment.
+    split: Option<Arc<SplitPlanner>>,
 }
 
 impl<B: Backend> SegmentedRunner<B> {
@@ -93,9 +105,24 @@ impl<B: Backend> SegmentedRunner<B> {
             merge,
             policy_version: 0,
             sample_shape,
+            split: None,
         };
         r.set_policy(policy)?;
         Ok(r)
+    }
+
+    /// Lets `planner` choose, per batch, after which group end the survivors are handed back
+    /// (a head only: a model's last exit answers everything). Its candidate cuts follow the
+    /// policy's groups.
+    pub fn with_split(mut self, planner: Arc<SplitPlanner>) -> Self {
+        planner.set_cuts(self.cut_candidates());
+        self.split = Some(planner);
+        self
+    }
+
+    /// Exit counts after which a batch can be cut: the ends of the groups.
+    fn cut_candidates(&self) -> Vec<usize> {
+        self.groups.iter().map(|g| self.first_exit + g.end).collect()
     }
 
     /// The groups of segments run as one unit under the current policy.
@@ -128,6 +155,9 @@ impl<B: Backend> SegmentedRunner<B> {
         self.rules = rules.to_vec();
         self.groups = groups;
         self.policy_version = policy.version;
+        if let Some(p) = &self.split {
+            p.set_cuts(self.cut_candidates());
+        }
         Ok(())
     }
 
@@ -160,10 +190,18 @@ impl<B: Backend> SegmentedRunner<B> {
         // Positions in the original batch of the rows of `current`.
         let mut alive: Vec<usize> = (0..n).collect();
         let mut current = input;
-        let mut fallback = Vec::new();
-        for group in &self.groups {
+        let held = self.first_exit + self.groups.last().map_or(0, |g| g.end);
+        let (cut, reason) = match &self.split {
+            Some(p) => p.choose(n),
+            None => (held, Reason::Fixed),
+        };
+        for (gi, group) in self.groups.iter().enumerate() {
             let rule = &self.rules[group.end - 1];
+            let started = Instant::now();
             let out = self.backend.run_group(group.clone(), &current)?;
+            let seconds = started.elapsed().as_secs_f64();
+            let end = self.first_exit + group.end;
+            let last = gi + 1 == self.groups.len() || end >= cut;
             if out.logits.shape != [alive.len(), rule.width()] {
                 return Err(Error::Backend(format!(
                     "exit {} returned logits of shape {:?}, expected [{}, {}]",
@@ -175,10 +213,14 @@ impl<B: Backend> SegmentedRunner<B> {
             }
             let mut keep = Vec::with_capacity(alive.len());
             let mut settled = Vec::new();
+            let mut left = 0;
             for (row, outcome) in rule.decide(&out.logits.data).into_iter().enumerate() {
                 let at = alive[row];
                 match outcome {
-                    Outcome::Exit(a) => results[at] = SampleResult::Answered(a),
+                    Outcome::Exit(a) => {
+                        results[at] = SampleResult::Answered(a);
+                        left += 1;
+                    }
                     Outcome::Failed(m) => results[at] = SampleResult::Failed(m),
                     Outcome::Continue => {
                         keep.push(row);
@@ -187,16 +229,19 @@ impl<B: Backend> SegmentedRunner<B> {
                 }
                 settled.push(at);
             }
+            if let Some(p) = &self.split {
+                p.record_group(end, alive.len(), left, seconds);
+            }
             let w = rule.width();
-            let Some(cut) = out.cut else {
+            let Some(cut_tensor) = out.cut else {
                 debug_assert!(keep.is_empty(), "the last exit answers every sample");
                 return Ok(BatchOutcome { results, forward: None });
             };
             // A sample whose cut is not finite (an input far outside the training range) cannot
             // go on: it fails alone instead of poisoning the batch it would travel with.
-            let row_len = cut.row_len();
+            let row_len = cut_tensor.row_len();
             keep.retain(|&row| {
-                let finite = cut.data[row * row_len..(row + 1) * row_len].iter().all(|v| v.is_finite());
+                let finite = cut_tensor.data[row * row_len..(row + 1) * row_len].iter().all(|v| v.is_finite());
                 if !finite {
                     let at = alive[row];
                     results[at] = SampleResult::Failed(format!(
@@ -208,19 +253,26 @@ impl<B: Backend> SegmentedRunner<B> {
                 }
                 finite
             });
-            if !settled.is_empty() && !keep.is_empty() && !std::ptr::eq(group, self.groups.last().expect("a group")) {
+            if !settled.is_empty() && !keep.is_empty() && !last {
                 decided(settled.iter().map(|&at| (at, results[at].clone())).collect());
             }
-            fallback = keep.iter().map(|&r| rule.fallback(&out.logits.data[r * w..(r + 1) * w])).collect();
             // Compaction: only the samples that did not exit go on. When none exited the cut
             // tensor is passed on as it is (no copy).
-            current = if keep.len() == alive.len() { cut } else { cut.gather(&keep) };
+            current = if keep.len() == alive.len() { cut_tensor } else { cut_tensor.gather(&keep) };
             alive = keep.iter().map(|&r| alive[r]).collect();
             if alive.is_empty() {
                 return Ok(BatchOutcome { results, forward: None });
             }
+            if last {
+                // The deepest exit run guesses each survivor's class, for degraded answers.
+                let fallback = keep.iter().map(|&r| rule.fallback(&out.logits.data[r * w..(r + 1) * w])).collect();
+                return Ok(BatchOutcome {
+                    results,
+                    forward: Some(Forward { rows: alive, cut: current, fallback, after_exit: end, reason }),
+                });
+            }
         }
-        Ok(BatchOutcome { results, forward: Some(Forward { rows: alive, cut: current, fallback }) })
+        unreachable!("the last group returns")
     }
 }
 
@@ -366,6 +418,35 @@ pub(crate) mod tests {
         let mut r = SegmentedRunner::with_merging(fake, 0, &policy, None, false).unwrap();
         assert_eq!(exits_of(&r.run(batch(&[1.0, 2.0])).unwrap()), exits_of(&out));
         assert_eq!(r.backend.calls, vec![(0, 2), (1, 2), (2, 2)]);
+    }
+
+    #[test]
+    fn a_split_planner_cuts_each_batch_where_it_chooses_with_the_answers_of_a_static_head_there() {
+        let planner = Arc::new(SplitPlanner::new(vec![], 3));
+        let fake = Fake { segments: 2, widths: vec![4, 4, 4], calls: vec![] };
+        let mut adaptive =
+            SegmentedRunner::new(fake, 0, &Policy::defaults(&meta3()), None).unwrap().with_split(planner.clone());
+        assert_eq!(planner.cuts(), vec![1, 2], "the head's group ends are the candidates");
+        let input = [25.0, 1.0, 13.0, 31.0];
+        // Exploring: E1 first, then E2.
+        let at_e1 = adaptive.run(batch(&input)).unwrap();
+        let static_e1 = SegmentedRunner::new(
+            Fake { segments: 1, widths: vec![4, 4, 4], calls: vec![] },
+            0,
+            &Policy::defaults(&meta3()),
+            None,
+        )
+        .unwrap()
+        .run(batch(&input))
+        .unwrap();
+        assert_eq!(at_e1.results, static_e1.results);
+        let (a, s) = (at_e1.forward.unwrap(), static_e1.forward.unwrap());
+        assert_eq!((a.rows.clone(), a.cut.data.clone(), a.after_exit), (s.rows, s.cut.data, 1));
+        assert_eq!(a.reason, Reason::Explore);
+        assert_eq!(adaptive.backend.calls, vec![(0, 4)], "E2's segment did not run");
+        let at_e2 = adaptive.run(batch(&input)).unwrap();
+        assert_eq!(at_e2.forward.as_ref().unwrap().after_exit, 2);
+        assert_eq!(at_e2.forward.unwrap().rows, vec![0, 3], "13 left at E2");
     }
 
     #[test]

@@ -23,6 +23,13 @@ pub const PARAM_FINGERPRINT: &str = "classynet_fingerprint";
 /// Input tensor parameters of an INT8 tensor: x = (q - zero_point) * scale.
 pub const PARAM_SCALE: &str = "classynet_scale";
 pub const PARAM_ZERO_POINT: &str = "classynet_zero_point";
+/// Input tensor parameters of a per-channel INT8 tensor (channel axis 1): comma-separated lists
+/// of one scale and one zero point per channel, x = (q - zero_point[c]) * scale[c].
+pub const PARAM_SCALES: &str = "classynet_scales";
+pub const PARAM_ZERO_POINTS: &str = "classynet_zero_points";
+/// Most channels quantised one by one; a tensor with more (none of a CNN's cuts) is quantised
+/// per tensor, which keeps the parameter lists small against the data.
+const MAX_QUANT_CHANNELS: usize = 4096;
 /// Response parameter: microseconds the server spent on the request (queue + compute), so the
 /// caller can tell network time from server time.
 pub const PARAM_SERVER_MICROS: &str = "classynet_server_us";
@@ -36,7 +43,8 @@ pub enum WireDtype {
     Fp32,
     /// Half the bytes.
     Fp16,
-    /// A quarter of the bytes: per-tensor affine quantisation with a scale and a zero point.
+    /// A quarter of the bytes: affine quantisation with a scale and a zero point per channel
+    /// (axis 1), so that a channel of small activations keeps its resolution next to a large one.
     Int8,
 }
 
@@ -175,10 +183,24 @@ pub fn decode_input(input: &InferInputTensor, raw: Option<&Bytes>) -> ServeResul
                 Some(WireDtype::Fp16) => {
                     bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
                 }
-                Some(WireDtype::Int8) => {
-                    let (scale, zp) = quant_params(input)?;
-                    bytes.iter().map(|&b| ((b as i8) as f32 - zp) * scale).collect()
-                }
+                Some(WireDtype::Int8) => match channel_quant_params(input, &shape)? {
+                    Some((scales, zps)) => {
+                        // Elements of channel c are the runs of `inner` values at (n·C + c)·inner.
+                        let inner: usize = shape[2..].iter().product::<usize>().max(1);
+                        bytes
+                            .iter()
+                            .enumerate()
+                            .map(|(i, &b)| {
+                                let c = (i / inner) % scales.len();
+                                ((b as i8) as f32 - zps[c]) * scales[c]
+                            })
+                            .collect()
+                    }
+                    None => {
+                        let (scale, zp) = quant_params(input)?;
+                        bytes.iter().map(|&b| ((b as i8) as f32 - zp) * scale).collect()
+                    }
+                },
                 // elem_size accepted it: pixels.
                 None => bytes.iter().map(|&b| b as f32).collect(),
             }
@@ -210,6 +232,84 @@ pub fn decode_input(input: &InferInputTensor, raw: Option<&Bytes>) -> ServeResul
     };
     let payload = if input.datatype == PIXELS { Payload::Pixels } else { Payload::Values };
     Ok((Tensor { shape, data }, payload))
+}
+
+/// The per-channel scales and zero points of an INT8 tensor, if it carries them (see
+/// [`PARAM_SCALES`]); otherwise `None` and the per-tensor parameters apply.
+fn channel_quant_params(input: &InferInputTensor, shape: &[usize]) -> ServeResult<Option<(Vec<f32>, Vec<f32>)>> {
+    let bad = |m: String| ServeError::InvalidArgument(format!("input `{}`: {m}", input.name));
+    let (scales, zps) =
+        match (param_str(&input.parameters, PARAM_SCALES), param_str(&input.parameters, PARAM_ZERO_POINTS)) {
+            (None, None) => return Ok(None),
+            (Some(s), Some(z)) => (s, z),
+            _ => {
+                return Err(bad(format!(
+                "per-channel INT8 needs both {PARAM_SCALES} and {PARAM_ZERO_POINTS} (comma-separated, one per channel)"
+            )))
+            }
+        };
+    let channels = *shape
+        .get(1)
+        .ok_or_else(|| bad(format!("per-channel INT8 needs a channel axis (rank ≥ 2), found shape {shape:?}")))?;
+    let list = |text: &str, key: &str| -> ServeResult<Vec<f64>> {
+        let values: Vec<f64> = text
+            .split(',')
+            .map(|v| v.trim().parse::<f64>())
+            .collect::<Result<_, _>>()
+            .map_err(|_| bad(format!("{key} must be comma-separated numbers, found {:?}", truncate(text))))?;
+        if values.len() != channels {
+            return Err(bad(format!("{key} holds {} values, but the tensor has {channels} channels", values.len())));
+        }
+        Ok(values)
+    };
+    let scales = list(scales, PARAM_SCALES)?
+        .into_iter()
+        .enumerate()
+        .map(|(c, s)| {
+            let f = s as f32;
+            if f.is_normal() && f > 0.0 {
+                Ok(f)
+            } else {
+                Err(bad(format!("{PARAM_SCALES}[{c}] must be a positive, finite float32, found {s}")))
+            }
+        })
+        .collect::<ServeResult<Vec<f32>>>()?;
+    let zps = list(zps, PARAM_ZERO_POINTS)?
+        .into_iter()
+        .enumerate()
+        .map(|(c, z)| {
+            if (-128.0..=127.0).contains(&z) && z.fract() == 0.0 {
+                Ok(z as f32)
+            } else {
+                Err(bad(format!("{PARAM_ZERO_POINTS}[{c}] must be an integer in -128..=127, found {z}")))
+            }
+        })
+        .collect::<ServeResult<Vec<f32>>>()?;
+    Ok(Some((scales, zps)))
+}
+
+/// The start of a long parameter, for messages.
+fn truncate(s: &str) -> String {
+    match s.char_indices().nth(60) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
+    }
+}
+
+/// Affine INT8 parameters covering [lo, hi] (widened to include 0, so that ReLU zeros stay
+/// exact): the scale and the zero point.
+fn affine(lo: f32, hi: f32) -> (f32, f32) {
+    let (lo, hi) = (lo.min(0.0), hi.max(0.0));
+    // In f64: the range of two large f32 values of opposite sign overflows f32, and a range of
+    // subnormals underflows to a zero scale; both would be refused by the reader.
+    let range = hi as f64 - lo as f64;
+    let scale = if range > 0.0 { ((range / 255.0) as f32).max(f32::MIN_POSITIVE) } else { 1.0 };
+    let zp = (-128.0 - lo / scale).round().clamp(-128.0, 127.0);
+    (scale, zp)
+}
+
+fn quantise(v: f32, scale: f32, zp: f32) -> u8 {
+    ((v / scale).round() + zp).clamp(-128.0, 127.0) as i8 as u8
 }
 
 fn quant_params(input: &InferInputTensor) -> ServeResult<(f32, f32)> {
@@ -257,21 +357,36 @@ pub fn encode_tensor(name: &str, t: &Tensor, dtype: WireDtype) -> (InferInputTen
             b.freeze()
         }
         WireDtype::Int8 => {
-            // Asymmetric per-tensor quantisation over [min, max] (always including 0, so that
-            // ReLU zeros stay exact).
-            let (lo, hi) = t.data.iter().fold((0f32, 0f32), |(l, h), &v| (l.min(v), h.max(v)));
-            // In f64: the range of two large f32 values of opposite sign overflows f32, and a
-            // range of subnormals underflows to a zero scale; both would be refused by the reader.
-            let range = hi as f64 - lo as f64;
-            let scale = if range > 0.0 { ((range / 255.0) as f32).max(f32::MIN_POSITIVE) } else { 1.0 };
-            let zp = (-128.0 - lo / scale).round().clamp(-128.0, 127.0);
-            params.insert(PARAM_SCALE.to_string(), double_param(scale as f64));
-            params.insert(PARAM_ZERO_POINT.to_string(), int_param(zp as i64));
-            t.data
-                .iter()
-                .map(|&v| ((v / scale).round() + zp).clamp(-128.0, 127.0) as i8 as u8)
-                .collect::<Vec<u8>>()
-                .into()
+            let channels = t.shape.get(1).copied().unwrap_or(0);
+            if t.shape.len() >= 2 && (1..=MAX_QUANT_CHANNELS).contains(&channels) && !t.data.is_empty() {
+                // Per channel (axis 1): each channel's own [min, max].
+                let inner: usize = t.shape[2..].iter().product::<usize>().max(1);
+                let mut range = vec![(0f32, 0f32); channels];
+                for (i, &v) in t.data.iter().enumerate() {
+                    let r = &mut range[(i / inner) % channels];
+                    *r = (r.0.min(v), r.1.max(v));
+                }
+                let quant: Vec<(f32, f32)> = range.iter().map(|&(lo, hi)| affine(lo, hi)).collect();
+                let join = |f: &dyn Fn(&(f32, f32)) -> String| quant.iter().map(f).collect::<Vec<_>>().join(",");
+                // `{}` of an f32 is the shortest text that reads back as the same f32.
+                params.insert(PARAM_SCALES.to_string(), string_param(join(&|p| format!("{}", p.0))));
+                params.insert(PARAM_ZERO_POINTS.to_string(), string_param(join(&|p| format!("{}", p.1 as i32))));
+                t.data
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &v)| {
+                        let (scale, zp) = quant[(i / inner) % channels];
+                        quantise(v, scale, zp)
+                    })
+                    .collect::<Vec<u8>>()
+                    .into()
+            } else {
+                let (lo, hi) = t.data.iter().fold((0f32, 0f32), |(l, h), &v| (l.min(v), h.max(v)));
+                let (scale, zp) = affine(lo, hi);
+                params.insert(PARAM_SCALE.to_string(), double_param(scale as f64));
+                params.insert(PARAM_ZERO_POINT.to_string(), int_param(zp as i64));
+                t.data.iter().map(|&v| quantise(v, scale, zp)).collect::<Vec<u8>>().into()
+            }
         }
     };
     let input = InferInputTensor {
@@ -437,11 +552,78 @@ mod tests {
         assert_eq!(n, 12);
         let (t, n) = roundtrip(WireDtype::Int8);
         assert_eq!(n, 6);
-        let scale = 3.25 / 255.0;
-        for (a, b) in t.data.iter().zip([0.0, 1.5, -0.25, 3.0, 0.0, 2.0]) {
-            assert!((a - b).abs() <= scale / 2.0 + 1e-6, "{a} vs {b}");
+        // Per channel (the 3 columns): steps of 3/255, 1.5/255 and 2.25/255.
+        let steps = [3.0 / 255.0, 1.5 / 255.0, 2.25 / 255.0];
+        for (i, (a, b)) in t.data.iter().zip([0.0, 1.5, -0.25, 3.0, 0.0, 2.0]).enumerate() {
+            assert!((a - b).abs() <= steps[i % 3] / 2.0 + 1e-6, "{a} vs {b}");
         }
-        assert_eq!(t.data[0], 0.0, "zero stays exact");
+        assert_eq!((t.data[0], t.data[4]), (0.0, 0.0), "zeros stay exact");
+    }
+
+    /// Channels whose ranges differ by orders of magnitude: each keeps half a step of its own.
+    #[test]
+    fn per_channel_int8_error_is_at_most_half_a_step_of_each_channel() {
+        let (n, c, hw) = (3, 4, 5);
+        let magnitude = [0.01f32, 1.0, 100.0, 3.0];
+        let data: Vec<f32> = (0..n * c * hw)
+            .map(|i| {
+                let ch = (i / hw) % c;
+                // ReLU-like: zeros and positive values, plus one negative channel.
+                let v = ((i * 37 % 11) as f32 / 10.0) * magnitude[ch];
+                if ch == 3 {
+                    v - 1.5
+                } else if i % 3 == 0 {
+                    0.0
+                } else {
+                    v
+                }
+            })
+            .collect();
+        let t = Tensor::new(vec![n, c, hw], data).unwrap();
+        let (input, bytes) = encode_tensor("cut", &t, WireDtype::Int8);
+        assert!(input.parameters.contains_key(PARAM_SCALES) && !input.parameters.contains_key(PARAM_SCALE));
+        let back = decode_input(&input, Some(&bytes)).unwrap().0;
+        for ch in 0..c {
+            let vals: Vec<(f32, f32)> = (0..n)
+                .flat_map(|s| (0..hw).map(move |k| (s * c + ch) * hw + k))
+                .map(|i| (t.data[i], back.data[i]))
+                .collect();
+            let (lo, hi) = vals.iter().fold((0f32, 0f32), |(l, h), &(v, _)| (l.min(v), h.max(v)));
+            let step = (hi - lo) / 255.0;
+            for (orig, got) in vals {
+                assert!((orig - got).abs() <= step / 2.0 * 1.0001 + f32::EPSILON, "channel {ch}: {orig} → {got}");
+                if orig == 0.0 {
+                    assert_eq!(got, 0.0, "channel {ch}: zero stays exact");
+                }
+            }
+        }
+        // A rank-1 tensor has no channel axis: one scale for all.
+        let flat = Tensor::new(vec![4], vec![0.0, 1.0, 2.0, 3.0]).unwrap();
+        let (input, bytes) = encode_tensor("cut", &flat, WireDtype::Int8);
+        assert!(input.parameters.contains_key(PARAM_SCALE));
+        let back = decode_input(&input, Some(&bytes)).unwrap().0;
+        assert!(back.data.iter().zip(&flat.data).all(|(a, b)| (a - b).abs() <= 3.0 / 255.0 / 2.0 + 1e-6));
+    }
+
+    #[test]
+    fn bad_per_channel_parameters_are_explained() {
+        let t = Tensor::new(vec![1, 2, 2], vec![0.0, 1.0, 2.0, 3.0]).unwrap();
+        let (input, bytes) = encode_tensor("cut", &t, WireDtype::Int8);
+        let with = |key: &str, v: &str| {
+            let mut i = input.clone();
+            i.parameters.insert(key.to_string(), string_param(v));
+            decode_input(&i, Some(&bytes)).unwrap_err().to_string()
+        };
+        assert_eq!(
+            with(PARAM_SCALES, "0.1"),
+            "input `cut`: classynet_scales holds 1 values, but the tensor has 2 channels"
+        );
+        assert!(with(PARAM_SCALES, "0.1,x").contains("comma-separated numbers"));
+        assert!(with(PARAM_SCALES, "0.1,-1").contains("classynet_scales[1] must be a positive"));
+        assert!(with(PARAM_ZERO_POINTS, "0,300").contains("classynet_zero_points[1] must be an integer in -128..=127"));
+        let mut i = input.clone();
+        i.parameters.remove(PARAM_ZERO_POINTS);
+        assert!(decode_input(&i, Some(&bytes)).unwrap_err().to_string().contains("needs both"));
     }
 
     #[test]

@@ -4,8 +4,9 @@
 //! inference worker ([`batcher`]) and the one place where errors become gRPC statuses
 //! ([`error`]), and the operations side both binaries share: TLS and the listener rule
 //! ([`security`]), the server lifecycle (bind, health, signals, drain: [`server`]), connection
-//! keepalive ([`transport`]), systemd readiness ([`systemd`]), logs, metrics and trace context
-//! ([`telemetry`]). It knows nothing of which side of the split it runs on.
+//! keepalive ([`transport`]), message compression and sent-byte counting ([`wire`]), systemd
+//! readiness ([`systemd`]), logs, metrics and trace context ([`telemetry`]). It knows nothing of
+//! which side of the split it runs on.
 
 pub mod batcher;
 pub mod codec;
@@ -16,6 +17,7 @@ pub mod server;
 pub mod systemd;
 pub mod telemetry;
 pub mod transport;
+pub mod wire;
 
 pub use error::{ServeError, ServeResult};
 

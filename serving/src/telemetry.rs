@@ -26,6 +26,14 @@ pub const BATCH_SIZE: &str = "classynet_batch_size";
 pub const QUEUE_DEPTH: &str = "classynet_queue_depth";
 /// Bytes of cut tensors sent to the cloud.
 pub const WIRE_BYTES: &str = "classynet_wire_bytes_total";
+/// Counter: bytes the edge's forwards put on the wire (gRPC framing and compression included),
+/// by compression; against [`WIRE_BYTES`] (the tensors before compression) it gives the ratio.
+pub const WIRE_SENT_BYTES: &str = "classynet_wire_sent_bytes_total";
+/// Gauge: the exit after which the edge forwarded its last batch (1 = E1); with `--partition
+/// auto` it moves with the link and the traffic.
+pub const SPLIT_CUT: &str = "classynet_split_cut";
+/// Counter: batches forwarded, by cut and by why that cut (best estimate, probe, exploring).
+pub const SPLIT_DECISIONS: &str = "classynet_split_decisions_total";
 /// Version of the exit policy in force.
 pub const POLICY_VERSION: &str = "classynet_policy_version";
 /// Policies refused (invalid file on the cloud, or refused by an edge).
@@ -127,7 +135,18 @@ fn describe() {
     );
     metrics::describe_histogram!(BATCH_SIZE, "Samples per batch run.");
     metrics::describe_gauge!(QUEUE_DEPTH, "Samples admitted and not yet answered.");
-    metrics::describe_counter!(WIRE_BYTES, metrics::Unit::Bytes, "Bytes of cut tensors sent to the cloud.");
+    metrics::describe_counter!(
+        WIRE_BYTES,
+        metrics::Unit::Bytes,
+        "Bytes of cut tensors sent to the cloud, before compression."
+    );
+    metrics::describe_counter!(
+        WIRE_SENT_BYTES,
+        metrics::Unit::Bytes,
+        "Bytes the forwards put on the wire (gRPC framing and compression included), by compression."
+    );
+    metrics::describe_gauge!(SPLIT_CUT, "Exit after which the last batch was forwarded (1 = E1).");
+    metrics::describe_counter!(SPLIT_DECISIONS, "Batches forwarded, by cut and reason (best, probe, explore).");
     metrics::describe_gauge!(POLICY_VERSION, "Version of the exit policy in force.");
     metrics::describe_counter!(POLICY_REJECTIONS, "Exit policies refused.");
     metrics::describe_counter!(SHED, "Requests refused before any work, by reason.");

@@ -1,0 +1,448 @@
+//! Choosing, per batch, the exit after which a head forwards its survivors (`--partition auto`).
+//!
+//! A head that holds exits E1..EK can hand a batch over after any of the exits it runs as a
+//! group end (an exit that can answer, or EK): the cloud serves a tail for every cut. Which cut
+//! answers a batch soonest depends on the link and the traffic, so the [`SplitPlanner`] keeps
+//! moving estimates of every term and picks, for each batch of n samples, the cut c minimising
+//!
+//! ```text
+//! E[time] = Σ_{groups up to c} compute_g(n · reach_g)                 (measured per group)
+//!         + P(any survivor) · (rtt + server_c(fixed))                  (link and cloud, per call)
+//!         + n · S_c · (bytes_c / throughput + server_c(per sample))    (per forwarded sample)
+//! ```
+//!
+//! where reach_g and S_c come from the recent share of samples leaving at each exit (local exits
+//! are seen by the runner; deeper ones from the exit the cloud answered at), compute_g is a
+//! least-squares line over recent (rows, seconds) of that group, rtt and throughput a
+//! least-squares line over the recent forwards' (bytes sent, network seconds), bytes_c the
+//! recent bytes sent per sample at cut c (after compression), and server_c a line over the
+//! cloud's reported server time at that cut.
+//!
+//! Exploration: until every cut has been tried twice the planner tries each in turn, and a cut
+//! not tried for [`STALE_AFTER`] batches is probed once, so that its estimates follow the cloud
+//! and the traffic; the link's own estimate is shared by all cuts, so a link that changes moves
+//! the choice at once, without probes. Decisions that change the cut are logged.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+/// Batches after which a cut not chosen is probed again.
+pub const STALE_AFTER: u64 = 200;
+/// Tries of each cut before the planner trusts its estimates.
+const EXPLORE_TRIES: u64 = 2;
+/// Recent observations kept per estimate.
+const WINDOW: usize = 48;
+
+/// Why a batch was cut where it was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// The lowest expected time.
+    Best,
+    /// A cut not yet tried enough.
+    Explore,
+    /// A cut whose estimates have gone stale.
+    Probe,
+    /// Fixed by the caller (a static partition).
+    Fixed,
+}
+
+impl Reason {
+    pub fn label(self) -> &'static str {
+        match self {
+            Reason::Best => "best",
+            Reason::Explore => "explore",
+            Reason::Probe => "probe",
+            Reason::Fixed => "fixed",
+        }
+    }
+}
+
+/// A least-squares line y = a + b·x over a window of recent points.
+#[derive(Debug, Clone, Default)]
+struct Line {
+    points: VecDeque<(f64, f64)>,
+    /// The fit of the current window.
+    fitted: Option<(f64, f64)>,
+    /// The last fit whose window had enough spread in x to separate a from b.
+    separated: Option<(f64, f64)>,
+}
+
+impl Line {
+    fn push(&mut self, x: f64, y: f64) {
+        if !(x.is_finite() && y.is_finite()) {
+            return;
+        }
+        if self.points.len() == WINDOW {
+            self.points.pop_front();
+        }
+        self.points.push_back((x, y));
+        self.fitted = self.refit();
+    }
+
+    /// (a, b) with a, b ≥ 0. A window with too little spread in x to separate the two (a link
+    /// used at one cut with full batches) keeps the last separated fit's proportions, scaled to
+    /// the points seen: a link that got slower or faster moves the estimate at once. With no
+    /// separated fit yet, the fixed part is taken as half the smallest y.
+    fn refit(&mut self) -> Option<(f64, f64)> {
+        let n = self.points.len() as f64;
+        if n == 0.0 {
+            return None;
+        }
+        let (sx, sy) = self.points.iter().fold((0.0, 0.0), |(a, b), &(x, y)| (a + x, b + y));
+        let (mx, my) = (sx / n, sy / n);
+        let (sxx, sxy) =
+            self.points.iter().fold((0.0, 0.0), |(a, b), &(x, y)| (a + (x - mx) * (x - mx), b + (x - mx) * (y - my)));
+        if n >= 3.0 && mx > 0.0 && sxx > (0.05 * mx).powi(2) * n {
+            let b = sxy / sxx;
+            let a = my - b * mx;
+            if b >= 0.0 && a >= 0.0 {
+                self.separated = Some((a, b));
+                return Some((a, b));
+            }
+            if b >= 0.0 {
+                return Some((0.0, my / mx));
+            }
+        }
+        if let Some((a, b)) = self.separated {
+            let predicted = a + b * mx;
+            if predicted > 0.0 {
+                let k = my / predicted;
+                return Some((a * k, b * k));
+            }
+        }
+        let min_y = self.points.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
+        let a = (min_y / 2.0).min(my).max(0.0);
+        let b = if mx > 0.0 { ((my - a) / mx).max(0.0) } else { 0.0 };
+        Some((a, b))
+    }
+
+    fn fit(&self) -> Option<(f64, f64)> {
+        self.fitted
+    }
+
+    fn predict(&self, x: f64) -> Option<f64> {
+        self.fit().map(|(a, b)| a + b * x)
+    }
+}
+
+/// A decayed share: events out of trials, recent ones weighing most.
+#[derive(Debug, Clone, Copy, Default)]
+struct Share {
+    hits: f64,
+    trials: f64,
+}
+
+impl Share {
+    fn add(&mut self, hits: f64, trials: f64) {
+        // Forgets with a half-life of about 700 samples, so a change of traffic shows within a
+        // few dozen batches.
+        let keep = 0.999f64.powf(trials);
+        self.hits = self.hits * keep + hits;
+        self.trials = self.trials * keep + trials;
+    }
+
+    fn get(&self) -> f64 {
+        if self.trials > 0.0 {
+            self.hits / self.trials
+        } else {
+            0.0
+        }
+    }
+}
+
+/// What the planner knows of one cut.
+#[derive(Debug, Clone, Default)]
+struct Cut {
+    /// Batches cut here.
+    tries: u64,
+    /// Decision number of the last batch cut here.
+    last: u64,
+    /// Bytes sent per forwarded sample (after compression).
+    bytes: Line,
+    /// The cloud's server time against samples forwarded.
+    server: Line,
+}
+
+struct State {
+    /// Exit counts after which a batch may be cut (ascending; the last is the head's deepest).
+    cuts: Vec<usize>,
+    /// Per candidate cut.
+    per_cut: Vec<Cut>,
+    /// Per group of the head (ending at `cuts[i]`): compute seconds against rows in.
+    compute: Vec<Line>,
+    /// Per exit (0-based model index): share of the samples reaching it that leave there.
+    leave: Vec<Share>,
+    /// Network seconds (round trip less the cloud's server time) against bytes sent per call.
+    link: Line,
+    decisions: u64,
+    current: Option<usize>,
+}
+
+/// Expected-time estimate of one cut for a batch, with its terms (for logs and tests).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Estimate {
+    pub cut: usize,
+    pub compute: f64,
+    pub link: f64,
+    pub server: f64,
+    pub total: f64,
+}
+
+/// Chooses the cut of every batch; shared by the runner thread (compute, local exits) and the
+/// forwarding tasks (link, cloud, deeper exits).
+pub struct SplitPlanner {
+    state: Mutex<State>,
+}
+
+impl SplitPlanner {
+    /// A planner over the candidate cuts `cuts` (exit counts, ascending) of a model with
+    /// `exits` exits.
+    pub fn new(cuts: Vec<usize>, exits: usize) -> SplitPlanner {
+        let n = cuts.len();
+        SplitPlanner {
+            state: Mutex::new(State {
+                cuts,
+                per_cut: vec![Cut::default(); n],
+                compute: vec![Line::default(); n],
+                leave: vec![Share::default(); exits],
+                link: Line::default(),
+                decisions: 0,
+                current: None,
+            }),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("no code panics while holding the split planner")
+    }
+
+    /// The candidate cuts (exit counts).
+    pub fn cuts(&self) -> Vec<usize> {
+        self.state().cuts.clone()
+    }
+
+    /// Re-targets the planner at new candidate cuts (the exit policy changed which exits can
+    /// answer); estimates of cuts that remain are kept.
+    pub fn set_cuts(&self, cuts: Vec<usize>) {
+        let mut s = self.state();
+        if s.cuts == cuts {
+            return;
+        }
+        let keep = |old: &[usize], v: &[Cut], c: usize| old.iter().position(|&o| o == c).map(|i| v[i].clone());
+        let per_cut = cuts.iter().map(|&c| keep(&s.cuts, &s.per_cut, c).unwrap_or_default()).collect();
+        // Groups change with the cuts: their compute lines start again.
+        s.compute = vec![Line::default(); cuts.len()];
+        s.per_cut = per_cut;
+        s.cuts = cuts;
+        s.current = None;
+    }
+
+    /// The cut for a batch of `n` samples, and why.
+    pub fn choose(&self, n: usize) -> (usize, Reason) {
+        let mut s = self.state();
+        s.decisions += 1;
+        let now = s.decisions;
+        let pick = |s: &State| -> (usize, Reason) {
+            // Cuts tried too little, in turn (the least tried, shallowest first).
+            if let Some(i) =
+                (0..s.per_cut.len()).filter(|&i| s.per_cut[i].tries < EXPLORE_TRIES).min_by_key(|&i| s.per_cut[i].tries)
+            {
+                return (i, Reason::Explore);
+            }
+            if let Some(i) = (0..s.per_cut.len()).find(|&i| now - s.per_cut[i].last > STALE_AFTER) {
+                return (i, Reason::Probe);
+            }
+            let best = estimates(s, n)
+                .into_iter()
+                .enumerate()
+                .min_by(|a, b| a.1.total.total_cmp(&b.1.total))
+                .map_or(s.cuts.len() - 1, |(i, _)| i);
+            (best, Reason::Best)
+        };
+        let (i, reason) = pick(&s);
+        s.per_cut[i].tries += 1;
+        s.per_cut[i].last = now;
+        let cut = s.cuts[i];
+        if reason == Reason::Best && s.current != Some(cut) {
+            let est = estimates(&s, n);
+            let text: Vec<String> = est.iter().map(|e| format!("E{} {:.1} ms", e.cut, e.total * 1e3)).collect();
+            let (rtt, thr) = link_terms(&s);
+            tracing::info!(
+                cut = format!("E{cut}"),
+                previous = s.current.map(|c| format!("E{c}")).unwrap_or_else(|| "none".into()),
+                rtt_ms = rtt * 1e3,
+                throughput_mbit_s = thr * 8.0 / 1e6,
+                "split point moved: expected time per batch of {n}: {}",
+                text.join(", ")
+            );
+            s.current = Some(cut);
+        }
+        (cut, reason)
+    }
+
+    /// The estimate of every candidate cut for a batch of `n`.
+    pub fn estimates(&self, n: usize) -> Vec<Estimate> {
+        estimates(&self.state(), n)
+    }
+
+    /// The group ending at exit count `end` took `seconds` for `rows` rows, of which `left`
+    /// were answered at that exit (exit index `end - 1`).
+    pub fn record_group(&self, end: usize, rows: usize, left: usize, seconds: f64) {
+        let mut s = self.state();
+        if let Some(i) = s.cuts.iter().position(|&c| c == end) {
+            s.compute[i].push(rows as f64, seconds);
+        }
+        if let Some(share) = s.leave.get_mut(end - 1) {
+            share.add(left as f64, rows as f64);
+        }
+    }
+
+    /// A forward of `rows` samples at cut `cut` sent `sent_bytes` and was answered after
+    /// `rtt` seconds, of which the cloud spent `server`; `exits` are the exit indices the cloud
+    /// answered at (to learn how many samples leave at exits deeper than the cut that the head
+    /// also holds).
+    pub fn record_forward(&self, cut: usize, rows: usize, sent_bytes: u64, rtt: f64, server: f64, exits: &[usize]) {
+        let mut s = self.state();
+        if rows == 0 {
+            return;
+        }
+        let network = (rtt - server).max(0.0);
+        s.link.push(sent_bytes as f64, network);
+        if let Some(i) = s.cuts.iter().position(|&c| c == cut) {
+            s.per_cut[i].bytes.push(rows as f64, sent_bytes as f64 / rows as f64);
+            s.per_cut[i].server.push(rows as f64, server);
+        }
+        // Samples forwarded at `cut` reached every exit after it up to where they left.
+        let held = s.cuts.last().copied().unwrap_or(0);
+        for j in cut..held.min(s.leave.len()) {
+            let reached = exits.iter().filter(|&&e| e >= j).count();
+            let left = exits.iter().filter(|&&e| e == j).count();
+            if reached > 0 {
+                s.leave[j].add(left as f64, reached as f64);
+            }
+        }
+    }
+}
+
+/// (round trip seconds, throughput bytes per second) of the link's current estimate.
+fn link_terms(s: &State) -> (f64, f64) {
+    match s.link.fit() {
+        Some((a, b)) if b > 0.0 => (a, 1.0 / b),
+        Some((a, _)) => (a, f64::INFINITY),
+        None => (0.0, f64::INFINITY),
+    }
+}
+
+fn estimates(s: &State, n: usize) -> Vec<Estimate> {
+    let n = n as f64;
+    let (rtt, thr) = link_terms(s);
+    let mut out = Vec::with_capacity(s.cuts.len());
+    // Share of the batch still running at the start of the current group.
+    let mut reach = 1.0;
+    let mut compute = 0.0;
+    for (i, &cut) in s.cuts.iter().enumerate() {
+        let rows = n * reach;
+        compute += s.compute[i].predict(rows).unwrap_or(0.0);
+        // Only a group's last exit can answer (the others are merged through).
+        reach *= 1.0 - s.leave.get(cut - 1).map_or(0.0, |l| l.get());
+        let survivors = n * reach;
+        let p_any = 1.0 - (1.0 - reach).powf(n);
+        let c = &s.per_cut[i];
+        let bytes_per = c.bytes.fit().map_or(0.0, |(a, b)| a + b);
+        let (server_fixed, server_per) = c.server.fit().unwrap_or((0.0, 0.0));
+        let link = p_any * rtt + if thr.is_finite() { survivors * bytes_per / thr } else { 0.0 };
+        let server = p_any * server_fixed + survivors * server_per;
+        out.push(Estimate { cut, compute, link, server, total: compute + link + server });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A simulated head of 3 candidate cuts over a link: compute per row per group, bytes per
+    /// sample per cut, no early exits; returns the cut of each batch.
+    fn simulate(p: &SplitPlanner, batches: usize, rtt: f64, bytes_per_s: f64) -> Vec<usize> {
+        let compute_per_row = [0.001, 0.002, 0.004];
+        let bytes = [40_000.0, 20_000.0, 10_000.0];
+        let n = 16;
+        (0..batches)
+            .map(|_| {
+                let (cut, _) = p.choose(n);
+                let i = p.cuts().iter().position(|&c| c == cut).unwrap();
+                for (g, per_row) in compute_per_row.iter().enumerate().take(i + 1) {
+                    p.record_group(p.cuts()[g], n, 0, 0.0005 + per_row * n as f64);
+                }
+                let sent = (bytes[i] * n as f64) as u64;
+                let server = 0.002 + 0.0001 * n as f64;
+                let rtt_seen = rtt + sent as f64 / bytes_per_s + server;
+                p.record_forward(cut, n, sent, rtt_seen, server, &vec![6; n]);
+                cut
+            })
+            .collect()
+    }
+
+    #[test]
+    fn converges_to_the_cut_that_is_clearly_best_and_moves_when_the_link_changes() {
+        let p = SplitPlanner::new(vec![1, 3, 5], 7);
+        // A slow link (1 MB/s): bytes dominate; cut 5 (10 kB per sample) is best by far.
+        let cuts = simulate(&p, 60, 0.05, 1e6);
+        assert!(cuts[..6].iter().all(|&c| [1, 3, 5].contains(&c)), "explores first: {cuts:?}");
+        let settled = &cuts[6..];
+        assert!(settled.iter().all(|&c| c == 5), "a slow link settles on the deepest cut: {cuts:?}");
+        // A fast link (1 GB/s): the head's compute dominates; cut 1 is best. The link estimate
+        // is shared, so the move needs no probe of the other cuts.
+        let cuts = simulate(&p, 60, 0.0005, 1e9);
+        let moved = cuts.iter().position(|&c| c == 1).expect("moves to E1");
+        assert!(moved < 40, "moves within 40 batches of the change: {cuts:?}");
+        assert!(cuts[moved..].iter().filter(|&&c| c == 1).count() >= cuts[moved..].len() - 1, "{cuts:?}");
+    }
+
+    #[test]
+    fn a_stale_cut_is_probed_and_probes_are_a_small_share() {
+        let p = SplitPlanner::new(vec![1, 3, 5], 7);
+        let mut reasons = Vec::new();
+        for _ in 0..1000 {
+            let (cut, reason) = p.choose(16);
+            reasons.push(reason);
+            p.record_group(1, 16, 0, 0.01);
+            p.record_forward(cut, 16, 16 * 40_000 / cut as u64, 0.1, 0.01, &[6; 16]);
+        }
+        let probes = reasons.iter().filter(|r| **r == Reason::Probe).count();
+        assert!(probes >= 2, "cuts not chosen are probed again: {probes}");
+        assert!(probes <= 1000 / STALE_AFTER as usize * 2 + 2, "probes stay rare: {probes}");
+    }
+
+    #[test]
+    fn early_exits_make_deeper_cuts_cheaper_on_a_slow_link() {
+        // With every sample leaving at E3, cutting at E3 forwards nothing at all.
+        let p = SplitPlanner::new(vec![1, 3], 7);
+        for _ in 0..10 {
+            let (cut, _) = p.choose(16);
+            p.record_group(1, 16, 0, 0.001);
+            if cut == 3 {
+                p.record_group(3, 16, 16, 0.002);
+            } else {
+                p.record_forward(1, 16, 16 * 40_000, 0.05 + 0.64, 0.002, &[2; 16]);
+            }
+        }
+        let e = p.estimates(16);
+        assert!(e[1].total < e[0].total, "{e:?}");
+        assert_eq!(e[1].link, 0.0, "nothing crosses the link at E3: {e:?}");
+    }
+
+    #[test]
+    fn a_line_separates_fixed_and_per_unit_costs() {
+        let mut l = Line::default();
+        for x in [1.0, 2.0, 4.0, 8.0] {
+            l.push(x, 0.05 + 0.01 * x);
+        }
+        let (a, b) = l.fit().unwrap();
+        assert!((a - 0.05).abs() < 1e-9 && (b - 0.01).abs() < 1e-9, "{a} {b}");
+        let mut flat = Line::default();
+        flat.push(10.0, 1.0);
+        flat.push(10.0, 1.0);
+        assert_eq!(flat.predict(10.0), Some(1.0), "no spread in x: still predicts what it saw");
+    }
+}
