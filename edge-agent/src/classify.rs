@@ -42,6 +42,7 @@ pub async fn classify(
     let bytes_before = edge.stats.wire_bytes.load(Ordering::Relaxed);
     let sent_before = edge.stats.wire_sent_bytes.load(Ordering::Relaxed);
     let replicas_before = edge.forwards_per_replica();
+    let cuts_before = edge.stats.by_cut.lock().expect("no code panics while holding the cut counts").clone();
     let mut tasks = Vec::with_capacity(n);
     for i in 0..n {
         let permit = sem.clone().acquire_owned().await?;
@@ -124,7 +125,23 @@ pub async fn classify(
             "compression_ratio": if sent > 0 { wire as f64 / sent as f64 } else { 0.0 },
         }),
     );
-    obj.insert("partition".into(), serde_json::json!(format!("E{}", edge.k)));
+    obj.insert(
+        "partition".into(),
+        serde_json::json!(if edge.adaptive { "auto".to_string() } else { format!("E{}", edge.k) }),
+    );
+    // Where the batches were cut (one cut with a static partition; with `auto`, the planner's
+    // choices).
+    let by_cut = edge.stats.by_cut.lock().expect("no code panics while holding the cut counts").clone();
+    let mut cuts = serde_json::Map::new();
+    let mut cut_text = Vec::new();
+    for (cut, (batches, samples)) in by_cut {
+        let (b0, s0) = cuts_before.get(&cut).copied().unwrap_or_default();
+        if batches > b0 {
+            cuts.insert(format!("E{cut}"), serde_json::json!({"batches": batches - b0, "samples": samples - s0}));
+            cut_text.push(format!("E{cut} {}", batches - b0));
+        }
+    }
+    obj.insert("forwards_by_cut".into(), serde_json::Value::Object(cuts));
     // Where the forwards went: with several cloud replicas, how evenly they were spread.
     let mut replicas = serde_json::Map::new();
     for (addr, n) in edge.forwards_per_replica() {
@@ -139,9 +156,10 @@ pub async fn classify(
     };
     obj.insert("cloud_replicas".into(), serde_json::Value::Object(replicas));
     let text = format!(
-        "{}\nanswered on the edge {at_edge}, in the cloud {at_cloud}, degraded {degraded} · partition E{}\nlatency p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms · per forwarded sample {:.0} bytes of tensor, {:.0} sent ({:.2}x)\ntime to answer: {}{replica_text}",
+        "{}\nanswered on the edge {at_edge}, in the cloud {at_cloud}, degraded {degraded} · partition {} (batches forwarded per cut: {})\nlatency p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms · per forwarded sample {:.0} bytes of tensor, {:.0} sent ({:.2}x)\ntime to answer: {}{replica_text}",
         report.table(""),
-        edge.k,
+        if edge.adaptive { "auto".to_string() } else { format!("E{}", edge.k) },
+        if cut_text.is_empty() { "none".to_string() } else { cut_text.join(", ") },
         p50,
         p90,
         p99,

@@ -8,6 +8,7 @@
 //! link (or turns out to serve another model) is retried once on another replica before its
 //! samples are answered degraded.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -39,6 +40,8 @@ pub struct Stats {
     pub wire_bytes: AtomicU64,
     /// Bytes the forwards put on the wire: the messages after gRPC compression and framing.
     pub wire_sent_bytes: AtomicU64,
+    /// Forwards by cut (exit count): batches and samples.
+    pub by_cut: Mutex<BTreeMap<usize, (u64, u64)>>,
     /// Forwards retried on a second cloud replica after the first failed.
     pub retried: AtomicU64,
     /// Policy updates a cloud replica offered that were older than the policy in force (after
@@ -101,6 +104,12 @@ impl ForwardContext {
         metrics::gauge!(telemetry::SPLIT_CUT, "side" => "edge").set(fwd.after_exit as f64);
         metrics::counter!(telemetry::SPLIT_DECISIONS, "side" => "edge", "cut" => cut, "reason" => fwd.reason.label())
             .increment(1);
+        {
+            let mut by_cut = self.stats.by_cut.lock().expect("no code panics while holding the cut counts");
+            let e = by_cut.entry(fwd.after_exit).or_default();
+            e.0 += 1;
+            e.1 += n as u64;
+        }
         let answers = match &self.pool {
             Some(pool) => self.balanced(pool, &fwd).await,
             None => None,

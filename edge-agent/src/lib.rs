@@ -57,6 +57,8 @@ pub struct Edge {
     pub head: Model,
     /// Exits on this device.
     pub k: usize,
+    /// `--partition auto`: each batch's cut is chosen among the head's exits.
+    pub adaptive: bool,
     worker: Arc<Worker>,
     batcher: Batcher,
     pub stats: Arc<Stats>,
@@ -169,6 +171,7 @@ impl Edge {
         let edge = Arc::new(Edge {
             head,
             k,
+            adaptive,
             worker,
             batcher,
             stats,

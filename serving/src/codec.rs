@@ -24,7 +24,9 @@ pub const PARAM_FINGERPRINT: &str = "classynet_fingerprint";
 pub const PARAM_SCALE: &str = "classynet_scale";
 pub const PARAM_ZERO_POINT: &str = "classynet_zero_point";
 /// Input tensor parameters of a per-channel INT8 tensor (channel axis 1): comma-separated lists
-/// of one scale and one zero point per channel, x = (q - zero_point[c]) * scale[c].
+/// of one scale and one zero point per sample and channel, in (sample, channel) order:
+/// x = (q - zero_point[n·C + c]) * scale[n·C + c]. Per sample, so that what a sample is
+/// answered does not depend on the samples that share its batch.
 pub const PARAM_SCALES: &str = "classynet_scales";
 pub const PARAM_ZERO_POINTS: &str = "classynet_zero_points";
 /// Most channels quantised one by one; a tensor with more (none of a CNN's cuts) is quantised
@@ -43,8 +45,9 @@ pub enum WireDtype {
     Fp32,
     /// Half the bytes.
     Fp16,
-    /// A quarter of the bytes: affine quantisation with a scale and a zero point per channel
-    /// (axis 1), so that a channel of small activations keeps its resolution next to a large one.
+    /// A quarter of the bytes: affine quantisation with a scale and a zero point per sample and
+    /// channel (axis 1), so that a channel of small activations keeps its resolution next to a
+    /// large one, and a sample's values do not depend on its batch neighbours.
     Int8,
 }
 
@@ -185,14 +188,14 @@ pub fn decode_input(input: &InferInputTensor, raw: Option<&Bytes>) -> ServeResul
                 }
                 Some(WireDtype::Int8) => match channel_quant_params(input, &shape)? {
                     Some((scales, zps)) => {
-                        // Elements of channel c are the runs of `inner` values at (n·C + c)·inner.
+                        // Channel c of sample n is the run of `inner` values at (n·C + c)·inner.
                         let inner: usize = shape[2..].iter().product::<usize>().max(1);
                         bytes
                             .iter()
                             .enumerate()
                             .map(|(i, &b)| {
-                                let c = (i / inner) % scales.len();
-                                ((b as i8) as f32 - zps[c]) * scales[c]
+                                let g = i / inner;
+                                ((b as i8) as f32 - zps[g]) * scales[g]
                             })
                             .collect()
                     }
@@ -244,21 +247,27 @@ fn channel_quant_params(input: &InferInputTensor, shape: &[usize]) -> ServeResul
             (Some(s), Some(z)) => (s, z),
             _ => {
                 return Err(bad(format!(
-                "per-channel INT8 needs both {PARAM_SCALES} and {PARAM_ZERO_POINTS} (comma-separated, one per channel)"
+                "per-channel INT8 needs both {PARAM_SCALES} and {PARAM_ZERO_POINTS} (comma-separated, one per sample and channel)"
             )))
             }
         };
     let channels = *shape
         .get(1)
         .ok_or_else(|| bad(format!("per-channel INT8 needs a channel axis (rank ≥ 2), found shape {shape:?}")))?;
+    // decode_input checked that the shape's element count fits.
+    let groups = shape[0] * channels;
     let list = |text: &str, key: &str| -> ServeResult<Vec<f64>> {
         let values: Vec<f64> = text
             .split(',')
             .map(|v| v.trim().parse::<f64>())
             .collect::<Result<_, _>>()
             .map_err(|_| bad(format!("{key} must be comma-separated numbers, found {:?}", truncate(text))))?;
-        if values.len() != channels {
-            return Err(bad(format!("{key} holds {} values, but the tensor has {channels} channels", values.len())));
+        if values.len() != groups {
+            return Err(bad(format!(
+                "{key} holds {} values, but the tensor has {groups} (samples × channels: {} × {channels})",
+                values.len(),
+                shape[0]
+            )));
         }
         Ok(values)
     };
@@ -359,11 +368,11 @@ pub fn encode_tensor(name: &str, t: &Tensor, dtype: WireDtype) -> (InferInputTen
         WireDtype::Int8 => {
             let channels = t.shape.get(1).copied().unwrap_or(0);
             if t.shape.len() >= 2 && (1..=MAX_QUANT_CHANNELS).contains(&channels) && !t.data.is_empty() {
-                // Per channel (axis 1): each channel's own [min, max].
+                // Per sample and channel (axis 1): each one's own [min, max].
                 let inner: usize = t.shape[2..].iter().product::<usize>().max(1);
-                let mut range = vec![(0f32, 0f32); channels];
+                let mut range = vec![(0f32, 0f32); t.data.len() / inner];
                 for (i, &v) in t.data.iter().enumerate() {
-                    let r = &mut range[(i / inner) % channels];
+                    let r = &mut range[i / inner];
                     *r = (r.0.min(v), r.1.max(v));
                 }
                 let quant: Vec<(f32, f32)> = range.iter().map(|&(lo, hi)| affine(lo, hi)).collect();
@@ -375,7 +384,7 @@ pub fn encode_tensor(name: &str, t: &Tensor, dtype: WireDtype) -> (InferInputTen
                     .iter()
                     .enumerate()
                     .map(|(i, &v)| {
-                        let (scale, zp) = quant[(i / inner) % channels];
+                        let (scale, zp) = quant[i / inner];
                         quantise(v, scale, zp)
                     })
                     .collect::<Vec<u8>>()
@@ -552,15 +561,16 @@ mod tests {
         assert_eq!(n, 12);
         let (t, n) = roundtrip(WireDtype::Int8);
         assert_eq!(n, 6);
-        // Per channel (the 3 columns): steps of 3/255, 1.5/255 and 2.25/255.
-        let steps = [3.0 / 255.0, 1.5 / 255.0, 2.25 / 255.0];
-        for (i, (a, b)) in t.data.iter().zip([0.0, 1.5, -0.25, 3.0, 0.0, 2.0]).enumerate() {
-            assert!((a - b).abs() <= steps[i % 3] / 2.0 + 1e-6, "{a} vs {b}");
+        // One value per sample and channel: each is an end of its own range, so exact to
+        // float rounding.
+        for (a, b) in t.data.iter().zip([0.0f32, 1.5, -0.25, 3.0, 0.0, 2.0]) {
+            assert!((a - b).abs() <= b.abs() * 1e-6, "{a} vs {b}");
         }
         assert_eq!((t.data[0], t.data[4]), (0.0, 0.0), "zeros stay exact");
     }
 
-    /// Channels whose ranges differ by orders of magnitude: each keeps half a step of its own.
+    /// Channels whose ranges differ by orders of magnitude: each keeps half a step of its own
+    /// (its range in that sample / 255).
     #[test]
     fn per_channel_int8_error_is_at_most_half_a_step_of_each_channel() {
         let (n, c, hw) = (3, 4, 5);
@@ -583,11 +593,9 @@ mod tests {
         let (input, bytes) = encode_tensor("cut", &t, WireDtype::Int8);
         assert!(input.parameters.contains_key(PARAM_SCALES) && !input.parameters.contains_key(PARAM_SCALE));
         let back = decode_input(&input, Some(&bytes)).unwrap().0;
-        for ch in 0..c {
-            let vals: Vec<(f32, f32)> = (0..n)
-                .flat_map(|s| (0..hw).map(move |k| (s * c + ch) * hw + k))
-                .map(|i| (t.data[i], back.data[i]))
-                .collect();
+        for (sample, ch) in (0..n).flat_map(|s| (0..c).map(move |ch| (s, ch))) {
+            let vals: Vec<(f32, f32)> =
+                (0..hw).map(|k| (sample * c + ch) * hw + k).map(|i| (t.data[i], back.data[i])).collect();
             let (lo, hi) = vals.iter().fold((0f32, 0f32), |(l, h), &(v, _)| (l.min(v), h.max(v)));
             let step = (hi - lo) / 255.0;
             for (orig, got) in vals {
@@ -616,7 +624,7 @@ mod tests {
         };
         assert_eq!(
             with(PARAM_SCALES, "0.1"),
-            "input `cut`: classynet_scales holds 1 values, but the tensor has 2 channels"
+            "input `cut`: classynet_scales holds 1 values, but the tensor has 2 (samples × channels: 1 × 2)"
         );
         assert!(with(PARAM_SCALES, "0.1,x").contains("comma-separated numbers"));
         assert!(with(PARAM_SCALES, "0.1,-1").contains("classynet_scales[1] must be a positive"));
