@@ -318,7 +318,7 @@ async fn health_is_not_serving_until_warm_and_sigterm_answers_every_accepted_req
 #[test]
 fn an_empty_variable_in_the_env_file_counts_as_unset() {
     // `EDGE_AGENT_PARTITION=` next to a memory budget: as an operator means it, the partition is
-    // not set (clap alone would see an empty value that conflicts with --memory-budget).
+    // not set (clap alone would see an empty value, refused as a partition next to --memory-budget).
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_edge-agent"))
         .args(["classify", "--limit", "20", "--json"])
         .env("EDGE_AGENT_MODEL", zoo("tiny-3exit-cn.onnx"))
