@@ -85,7 +85,7 @@ def main():
         cloud = Cloud(str(off), 2)
         ratios, runs, splits = [], [], []
         try:
-            for _ in range(REPEATS):
+            for _ in range(REPEATS):  # REPEATS=0 skips the throughput part
                 args = [str(BIN / "classynet"), "--threads", "2", "run", "--model", MODEL, "--policy", str(off_json), "--batch", "16", "--json"]
                 if LIMIT:
                     args += ["--limit", LIMIT]
@@ -96,8 +96,9 @@ def main():
                 ratios.append(split / run)
         finally:
             cloud.stop()
-        print(f"exits off, cut E1: classynet run (2 threads) {spread(runs)} samples/s; edge (1 thread) + cloud (2 threads) {spread(splits)} samples/s")
-        print(f"  ratio split / run: {spread(ratios)} · target >= 0.92: {verdict(ratios, 0.92)}")
+        if ratios:
+            print(f"exits off, cut E1: classynet run (2 threads) {spread(runs)} samples/s; edge (1 thread) + cloud (2 threads) {spread(splits)} samples/s")
+            print(f"  ratio split / run: {spread(ratios)} · target >= 0.92: {verdict(ratios, 0.92)}")
 
     # 2. The wire at E1 under the model's policy.
     cloud = Cloud(None, 1)
@@ -107,6 +108,8 @@ def main():
             for comp in ["none", "zstd", "gzip"]:
                 d = classify(cloud.addr, "--partition", "E1", "--wire-dtype", dtype, "--wire-compression", comp)
                 w = d["wire"]
+                if d["answered"]["degraded"]:
+                    sys.exit(f"{dtype} {comp}: {d['answered']['degraded']} samples answered degraded; the figures would not measure the wire")
                 rows.append((dtype, comp, w["tensor_bytes_per_forwarded_sample"], w["sent_bytes_per_forwarded_sample"], d["accuracy"]))
     finally:
         cloud.stop()
