@@ -104,6 +104,15 @@ class Link:
                 _sh(ns_exec(ns) + c)
                 self.tc.append(f"[{ns}] " + " ".join(c))
 
+    def set_rate(self, rate_mbit: float) -> None:
+        """Changes the rate of both directions in place (`tc qdisc change`): connections stay open."""
+        rate_bps = rate_mbit * 1e6 / 8
+        burst = max(96 * 1024, int(rate_bps / 100))
+        for ns, dev in ((EDGE_NS, EDGE_IF), (CLOUD_NS, CLOUD_IF)):
+            parent = ["parent", "1:", "handle", "10:"] if self.used == "netem" else ["root"]
+            _sh(ns_exec(ns) + ["tc", "qdisc", "change", "dev", dev, *parent, "tbf", "rate", f"{rate_mbit:g}mbit",
+                               "burst", str(burst), "latency", "200ms"])
+
     def _has_netem(self) -> bool:
         p = _sh(ns_exec(EDGE_NS) + ["tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms"], check=False)
         if p.returncode == 0:
