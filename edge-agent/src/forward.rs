@@ -56,6 +56,8 @@ pub(crate) struct ForwardContext {
     /// Longest wait for one replica's answer.
     pub(crate) timeout: Duration,
     pub(crate) dtype: WireDtype,
+    /// Codes per range of an INT8 wire.
+    pub(crate) int8_levels: u16,
     pub(crate) compression: WireCompression,
     /// Set when a cloud refused our compression: what it accepts instead (`None`: nothing).
     pub(crate) compression_fallback: Mutex<Option<Option<CompressionEncoding>>>,
@@ -206,7 +208,7 @@ impl ForwardContext {
         ip: IpAddr,
         fwd: &Forward,
     ) -> Result<Vec<(i64, i32, f32, f32)>, Miss> {
-        let (input, raw) = codec::encode_tensor("cut", &fwd.cut, self.dtype);
+        let (input, raw) = codec::encode_tensor_with("cut", &fwd.cut, self.dtype, self.int8_levels);
         let bytes = raw.len();
         self.stats.wire_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
         metrics::counter!(telemetry::WIRE_BYTES, "side" => "edge", "dtype" => self.dtype.label())

@@ -148,6 +148,7 @@ impl Edge {
             pool: pool.clone().filter(|_| k < m || adaptive),
             timeout: Duration::from_millis(config.cloud_timeout_ms),
             dtype: config.wire_dtype,
+            int8_levels: config.wire_int8_levels,
             compression: config.wire_compression,
             compression_fallback: Mutex::new(None),
             split: split.clone(),

@@ -306,16 +306,20 @@ fn truncate(s: &str) -> String {
 }
 
 /// Affine INT8 parameters covering [lo, hi] (widened to include 0, so that ReLU zeros stay
-/// exact): the scale and the zero point.
-fn affine(lo: f32, hi: f32) -> (f32, f32) {
+/// exact) with `levels` codes: the scale and the zero point.
+fn affine(lo: f32, hi: f32, levels: u16) -> (f32, f32) {
     let (lo, hi) = (lo.min(0.0), hi.max(0.0));
     // In f64: the range of two large f32 values of opposite sign overflows f32, and a range of
     // subnormals underflows to a zero scale; both would be refused by the reader.
     let range = hi as f64 - lo as f64;
-    let scale = if range > 0.0 { ((range / 255.0) as f32).max(f32::MIN_POSITIVE) } else { 1.0 };
+    let steps = (levels.clamp(2, INT8_LEVELS) - 1) as f64;
+    let scale = if range > 0.0 { ((range / steps) as f32).max(f32::MIN_POSITIVE) } else { 1.0 };
     let zp = (-128.0 - lo / scale).round().clamp(-128.0, 127.0);
     (scale, zp)
 }
+
+/// Codes of an INT8 tensor: all 256, unless [`encode_tensor_with`] is asked for fewer.
+pub const INT8_LEVELS: u16 = 256;
 
 fn quantise(v: f32, scale: f32, zp: f32) -> u8 {
     ((v / scale).round() + zp).clamp(-128.0, 127.0) as i8 as u8
@@ -349,6 +353,13 @@ fn quant_params(input: &InferInputTensor) -> ServeResult<(f32, f32)> {
 
 /// Encodes a float tensor for the wire.
 pub fn encode_tensor(name: &str, t: &Tensor, dtype: WireDtype) -> (InferInputTensor, Bytes) {
+    encode_tensor_with(name, t, dtype, INT8_LEVELS)
+}
+
+/// Like [`encode_tensor`]; an INT8 tensor uses `levels` codes (2..=256) per range instead of all
+/// 256: coarser steps, and a narrower alphabet that message compression turns into fewer bytes
+/// (the reader needs nothing new: the scale says the step).
+pub fn encode_tensor_with(name: &str, t: &Tensor, dtype: WireDtype, levels: u16) -> (InferInputTensor, Bytes) {
     let mut params = HashMap::new();
     let bytes = match dtype {
         WireDtype::Fp32 => {
@@ -375,7 +386,7 @@ pub fn encode_tensor(name: &str, t: &Tensor, dtype: WireDtype) -> (InferInputTen
                     let r = &mut range[i / inner];
                     *r = (r.0.min(v), r.1.max(v));
                 }
-                let quant: Vec<(f32, f32)> = range.iter().map(|&(lo, hi)| affine(lo, hi)).collect();
+                let quant: Vec<(f32, f32)> = range.iter().map(|&(lo, hi)| affine(lo, hi, levels)).collect();
                 let join = |f: &dyn Fn(&(f32, f32)) -> String| quant.iter().map(f).collect::<Vec<_>>().join(",");
                 // `{}` of an f32 is the shortest text that reads back as the same f32.
                 params.insert(PARAM_SCALES.to_string(), string_param(join(&|p| format!("{}", p.0))));
@@ -391,7 +402,7 @@ pub fn encode_tensor(name: &str, t: &Tensor, dtype: WireDtype) -> (InferInputTen
                     .into()
             } else {
                 let (lo, hi) = t.data.iter().fold((0f32, 0f32), |(l, h), &v| (l.min(v), h.max(v)));
-                let (scale, zp) = affine(lo, hi);
+                let (scale, zp) = affine(lo, hi, levels);
                 params.insert(PARAM_SCALE.to_string(), double_param(scale as f64));
                 params.insert(PARAM_ZERO_POINT.to_string(), int_param(zp as i64));
                 t.data.iter().map(|&v| quantise(v, scale, zp)).collect::<Vec<u8>>().into()
@@ -611,6 +622,18 @@ mod tests {
         assert!(input.parameters.contains_key(PARAM_SCALE));
         let back = decode_input(&input, Some(&bytes)).unwrap().0;
         assert!(back.data.iter().zip(&flat.data).all(|(a, b)| (a - b).abs() <= 3.0 / 255.0 / 2.0 + 1e-6));
+    }
+
+    #[test]
+    fn fewer_int8_levels_mean_coarser_steps_that_still_decode_within_half_a_step() {
+        let t = Tensor::new(vec![1, 1, 5], vec![0.0, 0.7, 1.3, 2.2, 3.0]).unwrap();
+        let (input, bytes) = encode_tensor_with("cut", &t, WireDtype::Int8, 16);
+        let codes: std::collections::BTreeSet<u8> = bytes.iter().copied().collect();
+        assert!(codes.iter().all(|&c| (c as i8) < -128 + 16), "16 codes from -128: {codes:?}");
+        let back = decode_input(&input, Some(&bytes)).unwrap().0;
+        for (a, b) in back.data.iter().zip(&t.data) {
+            assert!((a - b).abs() <= 3.0 / 15.0 / 2.0 + 1e-6, "{a} vs {b}");
+        }
     }
 
     #[test]
