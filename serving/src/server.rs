@@ -81,15 +81,18 @@ impl Bound {
             builder = builder.tls_config(t).map_err(|e| ServeError::Listen(format!("TLS configuration: {e}")))?;
         }
         let (health, health_service) = tonic_health::server::health_reporter();
+        // The reporter starts with the whole server ("") SERVING: say NOT_SERVING before the
+        // first connection can be served, not after (a health check that raced the report
+        // saw SERVING while the model was still loading).
+        for service in std::iter::once("").chain(listen.services.iter().copied()) {
+            health.set_service_status(service, ServingStatus::NotServing).await;
+        }
         let (shutdown, stopped) = oneshot::channel::<()>();
         let router = builder.add_routes(routes.add_service(health_service));
         let task = tokio::spawn(router.serve_with_incoming_shutdown(listen.keepalive.incoming(listener), async {
             let _ = stopped.await;
         }));
-        let server =
-            Server { addr, health, services: listen.services, drain: listen.drain, shutdown: Some(shutdown), task };
-        server.report(ServingStatus::NotServing).await;
-        Ok(server)
+        Ok(Server { addr, health, services: listen.services, drain: listen.drain, shutdown: Some(shutdown), task })
     }
 }
 
