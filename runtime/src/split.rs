@@ -6,10 +6,15 @@
 //! moving estimates of every term and picks, for each batch of n samples, the cut c minimising
 //!
 //! ```text
-//! E[time] = Σ_{groups up to c} compute_g(n · reach_g)                 (measured per group)
-//!         + P(any survivor) · (rtt + server_c(fixed))                  (link and cloud, per call)
-//!         + n · S_c · (bytes_c / throughput + server_c(per sample))    (per forwarded sample)
+//! head     = Σ_{groups up to c} compute_g(n · reach_g)               (measured per group)
+//! transfer = n · S_c · bytes_c / throughput                          (per forwarded sample)
+//! cloud    = P(any survivor) · server_c(fixed) + n · S_c · server_c(per sample)
+//! E[time]  = max(head, transfer, cloud) + P(any survivor) · rtt
 //! ```
+//!
+//! The three stages work on different batches at once (the head runs the next batch while the
+//! previous one travels), so under load the slowest stage sets the pace; the round trip adds to
+//! every answer.
 //!
 //! where reach_g and S_c come from the recent share of samples leaving at each exit (local exits
 //! are seen by the runner; deeper ones from the exit the cloud answered at), compute_g is a
@@ -352,9 +357,16 @@ fn estimates(s: &State, n: usize) -> Vec<Estimate> {
         let c = &s.per_cut[i];
         let bytes_per = c.bytes.fit().map_or(0.0, |(a, b)| a + b);
         let (server_fixed, server_per) = c.server.fit().unwrap_or((0.0, 0.0));
-        let link = p_any * rtt + if thr.is_finite() { survivors * bytes_per / thr } else { 0.0 };
+        let transfer = if thr.is_finite() { survivors * bytes_per / thr } else { 0.0 };
+        let link = p_any * rtt + transfer;
         let server = p_any * server_fixed + survivors * server_per;
-        out.push(Estimate { cut, compute, link, server, total: compute + link + server });
+        // Batches flow through three stages that work at the same time on different batches:
+        // the head, the link, the cloud. Under load the slowest stage sets the pace, and each
+        // answer also waits for the round trip; so the slowest stage plus the round trip, not
+        // the sum of all three (which would call every cut on a fast link equal and miss that
+        // an even share of the work between head and cloud answers soonest).
+        let total = compute.max(transfer).max(server) + p_any * rtt;
+        out.push(Estimate { cut, compute, link, server, total });
     }
     out
 }
