@@ -120,6 +120,7 @@ pub struct Config {
     #[arg(long, env = "EDGE_AGENT_API_TOKEN", hide_env_values = true)]
     pub api_token: Option<String>,
     /// Address of the Prometheus endpoint (GET /metrics), e.g. 127.0.0.1:9102; off when not given.
+    /// Also served during `classify`, to watch a long job.
     #[arg(long, env = "EDGE_AGENT_METRICS_LISTEN", value_name = "ADDR")]
     pub metrics_listen: Option<String>,
     /// Log format on stderr: text, or json (one object per line, for log shippers).

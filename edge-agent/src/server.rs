@@ -74,6 +74,12 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
 pub async fn run(config: Config) -> anyhow::Result<()> {
     match config.command.clone() {
         Some(Verb::Classify { dataset, data_dir, limit, concurrency, json }) => {
+            // A long job's progress (samples answered, by exit and place) can be watched as the
+            // server's is.
+            if let Some(m) = &config.metrics_listen {
+                classynet_serving::telemetry::recorder();
+                classynet_serving::telemetry::serve_metrics(m).await?;
+            }
             let edge = Edge::load(&config).await?;
             let out = classify(&edge, &dataset, data_dir, limit, concurrency).await?;
             if json {

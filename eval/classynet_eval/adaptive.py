@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-dir", type=Path, default=FASHION_DIR)
     ap.add_argument("--samples", type=int, default=1000, help="samples per run (default: %(default)s)")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats (default: %(default)s)")
-    ap.add_argument("--links", default=",".join(LINKS), help="links to run (default: %(default)s)")
+    ap.add_argument("--links", default=",".join(LINKS), help="links to run, '' for none (default: %(default)s)")
     ap.add_argument("--no-change", action="store_true", help="skip the mid-run rate change")
     ap.add_argument("--out", type=Path, default=Path("reports/bench-adaptive.json"))
     a = ap.parse_args(argv)
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"model {a.model} · {a.samples} samples per run (priority class {target}: 10 % uniform, 90 % biased) · "
         f"INT8 + zstd · {a.repeats} interleaved repeats")
     verdicts = []
-    for name in a.links.split(","):
+    for name in [n for n in a.links.split(",") if n]:
         shape = LINKS[name]
         ln = netlink.Link(*shape, log_dir=work) if shape else None
         try:
