@@ -24,7 +24,8 @@ pub struct BenchArgs {
     #[command(flatten)]
     pub data: DataArgs,
     /// Timed rounds; each round runs every batch once through each runner, rotating which goes
-    /// first, so all see the same machine load.
+    /// first, so all see the same machine load. Ratios are printed as the median and range of
+    /// the per-round ratios.
     #[arg(long, default_value_t = 5)]
     pub rounds: usize,
     /// Compare ONNX Runtime and tract instead: samples/s of the heads of these partitions and
@@ -41,6 +42,9 @@ pub struct BenchArgs {
 }
 
 pub fn run(a: &BenchArgs, opts: &EngineOptions) -> Result<()> {
+    if a.rounds == 0 {
+        return Err(Error::Parse("--rounds: expected at least 1 timed round, found 0".into()));
+    }
     if a.compare_backends {
         return compare_backends(a, opts);
     }
@@ -88,25 +92,32 @@ pub fn run(a: &BenchArgs, opts: &EngineOptions) -> Result<()> {
         merged.run(b.clone())?;
         split.run(b.clone())?;
     }
-    let mut t = [0f64; 3];
-    for round in 0..a.rounds {
+    // Seconds of each contender in each round: a ratio per round, so the spread shows how much
+    // of a difference is the machine's noise.
+    let mut t = vec![[0f64; 3]; a.rounds];
+    for (round, times) in t.iter_mut().enumerate() {
         // Rotate the order each round so that no runner always goes first.
         for i in 0..3 {
             match (round + i) % 3 {
-                0 => t[0] += time_whole(&mut whole)?,
-                1 => t[1] += time_runner(&mut merged)?,
-                _ => t[2] += time_runner(&mut split)?,
+                0 => times[0] = time_whole(&mut whole)?,
+                1 => times[1] = time_runner(&mut merged)?,
+                _ => times[2] = time_runner(&mut split)?,
             }
         }
     }
-    let total = (n * a.rounds) as f64;
-    let (s_whole, s_seg, s_split) = (total / t[0], total / t[1], total / t[2]);
-    let (ratio, ratio_split) = (s_seg / s_whole, s_split / s_whole);
+    let per_round = n as f64;
+    let sps = |k: usize| Spread::of(t.iter().map(|r| per_round / r[k]).collect());
+    let (s_whole, s_seg, s_split) = (sps(0), sps(1), sps(2));
+    let ratio = Spread::of(t.iter().map(|r| r[0] / r[1]).collect());
+    let ratio_split = Spread::of(t.iter().map(|r| r[0] / r[2]).collect());
+    const TARGET_MERGED: f64 = 0.95;
+    const TARGET_SPLIT: f64 = 0.96;
     if a.model.json {
         print_json(&json!({
             "model": m.name(), "backend": engine.name(), "samples": n, "batch": a.data.batch, "rounds": a.rounds, "threads": threads,
-            "whole_graph_samples_per_second": s_whole, "segmented_samples_per_second": s_seg, "ratio": ratio,
-            "per_exit_sessions_samples_per_second": s_split, "per_exit_sessions_ratio": ratio_split,
+            "whole_graph_samples_per_second": s_whole.median, "segmented_samples_per_second": s_seg.median,
+            "ratio": ratio.json(TARGET_MERGED),
+            "per_exit_sessions_samples_per_second": s_split.median, "per_exit_sessions_ratio": ratio_split.json(TARGET_SPLIT),
         }));
     } else {
         println!(
@@ -118,30 +129,70 @@ pub fn run(a: &BenchArgs, opts: &EngineOptions) -> Result<()> {
             a.data.batch,
             if threads == 0 { "auto".to_string() } else { threads.to_string() }
         );
+        println!("samples/s and ratios to the whole graph: median (min–max) of the rounds");
         let rows = [
-            ("whole graph, 1 session".to_string(), s_whole, String::new()),
+            ("whole graph, 1 session".to_string(), &s_whole, String::new()),
             (
                 format!("segmented runner, exits off ({} session(s))", merged.groups().len()),
-                s_seg,
-                format!("ratio {ratio:.3} (target ≥ 0.95)"),
+                &s_seg,
+                format!("ratio {}", ratio.verdict(TARGET_MERGED)),
             ),
             (
                 format!("segmented, boundary at every exit ({} sessions)", split.groups().len()),
-                s_split,
-                format!("ratio {ratio_split:.3}"),
+                &s_split,
+                format!("ratio {}", ratio_split.verdict(TARGET_SPLIT)),
             ),
         ];
         for (label, sps, note) in rows {
-            println!("{label:<50} {sps:>8.1} samples/s  {note}");
+            println!("{label:<50} {:>8.1} ({:.1}–{:.1}) samples/s  {note}", sps.median, sps.min, sps.max);
         }
     }
     Ok(())
 }
 
+/// The median and range of one figure over the rounds of a benchmark.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Spread {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Spread {
+    /// Of at least one value.
+    pub fn of(mut v: Vec<f64>) -> Spread {
+        v.sort_by(f64::total_cmp);
+        let mid = v.len() / 2;
+        let median = if v.len() % 2 == 1 { v[mid] } else { (v[mid - 1] + v[mid]) / 2.0 };
+        Spread { median, min: v[0], max: v[v.len() - 1] }
+    }
+
+    /// Whether a ratio with this spread meets a "≥ target": only when every round did; when
+    /// the rounds fall on both sides the machine's noise is larger than the difference.
+    pub fn judge(&self, target: f64) -> &'static str {
+        if self.min >= target {
+            "met"
+        } else if self.max < target {
+            "not met"
+        } else {
+            "spread crosses the target"
+        }
+    }
+
+    fn verdict(&self, target: f64) -> String {
+        format!("{:.3} ({:.3}–{:.3}), target ≥ {target}: {}", self.median, self.min, self.max, self.judge(target))
+    }
+
+    fn json(&self, target: f64) -> serde_json::Value {
+        json!({"median": self.median, "min": self.min, "max": self.max, "target": target, "verdict": self.judge(target)})
+    }
+}
+
 /// One contender of the engine comparison: a graph (a head, or the whole model) on one engine.
 struct Contender {
     graph: Box<dyn Graph>,
-    seconds: f64,
+    /// Seconds of each round.
+    seconds: Vec<f64>,
 }
 
 /// Times the heads and the whole model on ONNX Runtime and tract, batch by batch size.
@@ -174,7 +225,7 @@ fn compare_backends(a: &BenchArgs, opts: &EngineOptions) -> Result<()> {
         for (label, g) in &graphs {
             let mut c: Vec<Contender> = [&ort, &tract]
                 .iter()
-                .map(|e| Ok(Contender { graph: e.compile_for(&g.proto, &[batch])?, seconds: 0.0 }))
+                .map(|e| Ok(Contender { graph: e.compile_for(&g.proto, &[batch])?, seconds: Vec::new() }))
                 .collect::<Result<_>>()?;
             for x in inputs.iter().take(2) {
                 for k in c.iter_mut() {
@@ -188,11 +239,12 @@ fn compare_backends(a: &BenchArgs, opts: &EngineOptions) -> Result<()> {
                     for x in &inputs {
                         k.graph.run(x)?;
                     }
-                    k.seconds += s.elapsed().as_secs_f64();
+                    k.seconds.push(s.elapsed().as_secs_f64());
                 }
             }
-            let sps: Vec<f64> = c.iter().map(|k| (n * a.rounds) as f64 / k.seconds).collect();
-            rows.push((label.clone(), batch, sps[0], sps[1], sps[1] / sps[0]));
+            let sps: Vec<f64> = c.iter().map(|k| n as f64 / Spread::of(k.seconds.clone()).median).collect();
+            let ratio = Spread::of(c[0].seconds.iter().zip(&c[1].seconds).map(|(o, t)| o / t).collect());
+            rows.push((label.clone(), batch, sps[0], sps[1], ratio));
         }
     }
     if a.model.json {
@@ -200,7 +252,7 @@ fn compare_backends(a: &BenchArgs, opts: &EngineOptions) -> Result<()> {
             "model": m.name(), "samples": ds.len(), "rounds": a.rounds, "threads": opts.threads,
             "rows": rows.iter().map(|(g, b, o, t, r)| json!({
                 "graph": g, "batch": b, "ort_samples_per_second": o, "tract_samples_per_second": t,
-                "tract_over_ort": r,
+                "tract_over_ort": {"median": r.median, "min": r.min, "max": r.max},
             })).collect::<Vec<_>>(),
         }));
     } else {
@@ -211,13 +263,30 @@ fn compare_backends(a: &BenchArgs, opts: &EngineOptions) -> Result<()> {
             a.rounds,
             if opts.threads == 0 { "auto".to_string() } else { opts.threads.to_string() }
         );
+        println!("samples/s from each engine's median round; tract/ort: median (min–max) of the per-round ratios");
         println!(
-            "{:<14} {:>5} {:>14} {:>14} {:>12}",
+            "{:<14} {:>5} {:>14} {:>14} {:>24}",
             "graph", "batch", "ort samples/s", "tract samples/s", "tract/ort"
         );
         for (g, b, o, t, r) in &rows {
-            println!("{g:<14} {b:>5} {o:>14.1} {t:>15.1} {r:>12.3}");
+            let ratio = format!("{:.3} ({:.3}–{:.3})", r.median, r.min, r.max);
+            println!("{g:<14} {b:>5} {o:>14.1} {t:>15.1} {ratio:>24}");
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Spread;
+
+    #[test]
+    fn a_spread_is_judged_met_only_when_every_round_meets_the_target() {
+        let s = Spread::of(vec![0.97, 0.95, 0.99, 0.96]);
+        assert_eq!((s.median, s.min, s.max), (0.965, 0.95, 0.99));
+        assert_eq!(s.judge(0.95), "met");
+        assert_eq!(s.judge(0.96), "spread crosses the target");
+        assert_eq!(s.judge(1.0), "not met");
+        assert_eq!(Spread::of(vec![0.9, 0.8, 1.0]).median, 0.9);
+    }
 }

@@ -360,3 +360,38 @@ fn assign_proposes_a_gating_that_run_serves_as_predicted() {
     let e = fails(&["assign", "--model", &data("tiny3.onnx"), "--dataset", &tiny_dataset()]);
     assert!(e.contains("bag-of-classes exit"), "{e}");
 }
+
+#[test]
+fn bench_reports_the_median_and_range_of_each_ratio_with_a_verdict() {
+    let out = ok(&[
+        "bench",
+        "--model",
+        &data("tiny3.onnx"),
+        "--dataset",
+        &tiny_dataset(),
+        "--batch",
+        "2",
+        "--rounds",
+        "3",
+        "--json",
+    ]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["rounds"], 3);
+    for key in ["ratio", "per_exit_sessions_ratio"] {
+        let r = &v[key];
+        let (lo, mid, hi) = (r["min"].as_f64().unwrap(), r["median"].as_f64().unwrap(), r["max"].as_f64().unwrap());
+        assert!(0.0 < lo && lo <= mid && mid <= hi, "{key}: {r}");
+        let verdict = r["verdict"].as_str().unwrap();
+        let target = r["target"].as_f64().unwrap();
+        let want = if lo >= target {
+            "met"
+        } else if hi < target {
+            "not met"
+        } else {
+            "spread crosses the target"
+        };
+        assert_eq!(verdict, want, "{key}: {r}");
+    }
+    let e = fails(&["bench", "--model", &data("tiny3.onnx"), "--dataset", &tiny_dataset(), "--rounds", "0"]);
+    assert!(e.contains("--rounds: expected at least 1 timed round, found 0"), "{e}");
+}

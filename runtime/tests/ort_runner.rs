@@ -159,3 +159,47 @@ fn a_head_partition_forwards_what_its_tail_finishes() {
     }
     assert_eq!(got.into_iter().map(Option::unwrap).collect::<Vec<_>>(), want);
 }
+
+/// A segment that starts at a cut inside a stage of residual blocks gets the blocked-layout
+/// hint, and with it gives the same values as without (the hint is an identity); the model's
+/// first segment (image input, one reader) is left alone.
+#[test]
+fn the_blocked_layout_hint_changes_no_value_of_any_segment() {
+    init_ort(None, 1).expect("ONNX Runtime from scripts/setup");
+    use classynet_runtime::ort_backend::keep_blocked_layout_at_inputs;
+    use classynet_runtime::partition::{extract, segments, Logits};
+    let zoo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/zoo/resnet110-7exit-cnc.onnx");
+    let model = Model::load(&zoo).unwrap();
+    let segs = segments(&model).unwrap();
+    let mut s = 7u64;
+    let data = (0..4 * 784)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 0.5
+        })
+        .collect();
+    let mut x = Tensor::new(vec![4, 1, 28, 28], data).unwrap();
+    let mut hinted_segments = 0;
+    for k in 0..segs.len() {
+        let proto = extract(&model, &segs[k..k + 1], Logits::Last, None, &format!("segment-{k}"));
+        let hint = keep_blocked_layout_at_inputs(&proto);
+        if k == 0 {
+            assert!(hint.is_none(), "the image input has one reader: no hint");
+        }
+        hinted_segments += usize::from(hint.is_some());
+        let mut plain = OrtGraph::from_bytes(&proto.encode_to_vec(), SessionOptions::default()).unwrap();
+        let mut with_hint = OrtGraph::new(&proto, SessionOptions::default()).unwrap();
+        let (a, b) = (plain.run(&x).unwrap(), with_hint.run(&x).unwrap());
+        assert_eq!(a.len(), b.len());
+        for (u, v) in a.iter().zip(&b) {
+            assert_eq!(u.shape, v.shape);
+            let scale = u.data.iter().fold(1e-6f32, |m, z| m.max(z.abs()));
+            let worst = u.data.iter().zip(&v.data).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+            assert!(worst <= 1e-5 * scale, "segment {k}: differs by {worst} (values up to {scale})");
+        }
+        if let Some(cut) = a.get(1) {
+            x = cut.clone();
+        }
+    }
+    assert!(hinted_segments >= 3, "cuts inside residual stages get the hint ({hinted_segments} did)");
+}
