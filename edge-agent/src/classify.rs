@@ -127,7 +127,7 @@ pub async fn classify(
     );
     obj.insert(
         "partition".into(),
-        serde_json::json!(if edge.adaptive { "auto".to_string() } else { format!("E{}", edge.k) }),
+        serde_json::json!(if edge.adaptive { format!("auto:E{}", edge.k) } else { format!("E{}", edge.k) }),
     );
     // Where the batches were cut (one cut with a static partition; with `auto`, the planner's
     // choices).
@@ -158,7 +158,7 @@ pub async fn classify(
     let text = format!(
         "{}\nanswered on the edge {at_edge}, in the cloud {at_cloud}, degraded {degraded} · partition {} (batches forwarded per cut: {})\nlatency p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms · per forwarded sample {:.0} bytes of tensor, {:.0} sent ({:.2}x)\ntime to answer: {}{replica_text}",
         report.table(""),
-        if edge.adaptive { "auto".to_string() } else { format!("E{}", edge.k) },
+        if edge.adaptive { format!("auto:E{}", edge.k) } else { format!("E{}", edge.k) },
         if cut_text.is_empty() { "none".to_string() } else { cut_text.join(", ") },
         p50,
         p90,

@@ -26,8 +26,9 @@ pub struct Config {
     /// loads the deepest head that fits --memory-budget (without one: every exit but the last)
     /// and chooses per batch after which of its exits to forward, from the measured compute per
     /// segment, the link's round trip and throughput, the cloud's time per cut and the recent
-    /// share of samples leaving at each exit (needs --model).
-    #[arg(long, env = "EDGE_AGENT_PARTITION", value_name = "Ek|auto")]
+    /// share of samples leaving at each exit (needs --model). `auto:Ek` chooses the same way
+    /// within the head Ek (the deepest cut is after Ek), e.g. the head a budget was planned for.
+    #[arg(long, env = "EDGE_AGENT_PARTITION", value_name = "Ek|auto|auto:Ek")]
     pub partition: Option<String>,
     /// Pick the deepest partition whose weights + activations fit, e.g. 5.54MB (needs --model), at
     /// --max-batch. The budget is the model's: the process holds the engine's baseline on top
@@ -163,16 +164,25 @@ pub fn init_logging(format: LogFormat) {
 }
 
 impl Config {
-    /// `--partition auto`: the cut is chosen per batch.
+    /// `--partition auto` or `auto:Ek`: the cut is chosen per batch.
     pub fn adaptive(&self) -> bool {
-        self.partition.as_deref().is_some_and(|p| p.eq_ignore_ascii_case("auto"))
+        self.partition.as_deref().is_some_and(|p| {
+            let lower = p.to_ascii_lowercase();
+            lower == "auto" || lower.starts_with("auto:")
+        })
+    }
+
+    /// The head that `--partition auto:Ek` holds (`Ek`); `None` for `auto` and static partitions.
+    pub fn adaptive_head(&self) -> Option<&str> {
+        let p = self.partition.as_deref()?;
+        self.adaptive().then(|| p.split_once(':').map(|(_, head)| head.trim())).flatten()
     }
 
     /// Checks the flags that clap cannot check alone.
     pub fn validate(&self) -> anyhow::Result<()> {
         if let (Some(p), Some(b)) = (&self.partition, &self.memory_budget) {
             anyhow::ensure!(
-                self.adaptive(),
+                self.adaptive() && self.adaptive_head().is_none(),
                 "--partition {p} and --memory-budget {b} both choose the partition: give one, or --partition auto \
                  to choose per batch within the budget"
             );

@@ -85,7 +85,13 @@ fn return_freed_heap() {
 async fn find_head(config: &Config) -> anyhow::Result<(Model, usize, Option<usize>)> {
     let wanted = |m: usize| -> anyhow::Result<Option<usize>> {
         Ok(match &config.partition {
-            Some(_) if config.adaptive() => None,
+            Some(_) if config.adaptive() => match config.adaptive_head() {
+                Some(head) => Some(
+                    parse_partition(head, m)
+                        .map_err(|e| anyhow::anyhow!("--partition auto:{head}: {e} (auto:Ek holds the head Ek)"))?,
+                ),
+                None => None,
+            },
             Some(p) => Some(parse_partition(p, m).map_err(|e| anyhow::anyhow!("--partition: {e}, or auto"))?),
             None => None,
         })

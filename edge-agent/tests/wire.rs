@@ -144,7 +144,7 @@ async fn adaptive_split_settles_on_the_cut_a_slow_link_favours_and_answers_like_
     assert!(batches("E1") <= 3, "E1 only explored or probed: {by_cut:?}");
     assert!(deep as f64 >= 0.75 * total as f64, "settles on a deep cut: {by_cut:?}");
     assert_eq!(out.json["answered"]["degraded"], 0);
-    assert_eq!(out.json["partition"], "auto");
+    assert_eq!(out.json["partition"], "auto:E6", "adaptive within the head it holds");
     // Static runs at the shallowest and the deepest cut give the same answers: the cut does not
     // change what a sample is answered, only where.
     let adaptive = answers(&out);
@@ -178,4 +178,24 @@ async fn bad_split_and_wire_flags_are_explained() {
     cfg.server = None;
     let e = Edge::load(&cfg).await.err().unwrap().to_string();
     assert!(e.contains("--server"), "{e}");
+    let e = Edge::load(&edge_config(&path, "auto:E7", "127.0.0.1:1".into(), &[])).await.err().unwrap().to_string();
+    assert!(e.contains("--partition auto:E7") && e.contains("auto:Ek holds the head Ek"), "{e}");
+    let mut cfg = edge_config(&path, "auto:E1", "127.0.0.1:1".into(), &[]);
+    cfg.memory_budget = Some("1MB".into());
+    let e = Edge::load(&cfg).await.err().unwrap().to_string();
+    assert!(e.contains("both choose the partition"), "{e}");
+}
+
+/// `auto:Ek` holds the head Ek and chooses among its cuts: here E1 and E2 of a 3-exit model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adaptive_within_a_given_head_holds_that_head() {
+    let path = zoo("tiny-3exit-cn.onnx");
+    let cloud = cloud_server::start(cloud_config(&path)).await.unwrap();
+    let edge = Edge::load(&edge_config(&path, "auto:E1", cloud.addr.to_string(), &[])).await.unwrap();
+    assert_eq!(edge.k, 1);
+    let out = classify(&edge, "fashion-mnist:test", None, Some(64), 16).await.unwrap();
+    assert_eq!(out.json["partition"], "auto:E1");
+    let cuts: Vec<&String> = out.json["forwards_by_cut"].as_object().unwrap().keys().collect();
+    assert!(!cuts.is_empty() && cuts.iter().all(|c| *c == "E1"), "a head E1 can only cut after E1: {cuts:?}");
+    cloud.stop().await;
 }

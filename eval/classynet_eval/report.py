@@ -158,12 +158,19 @@ def plot_composition(res: dict, path: Path) -> None:
 
 
 def net(res: dict, link: str, model: str, part: str, data: str, wire: str = "fp32") -> dict | None:
-    return res.get("network", {}).get("runs", {}).get(f"net-{link}-{model}-{part}-{data}-{wire}")
+    """One network run; `part` is a partition ("E2") or the adaptive split within it ("auto:E2")."""
+    return res.get("network", {}).get("runs", {}).get(f"net-{link}-{model}-{part.replace(':', '-')}-{data}-{wire}")
 
 
 def budgets(res: dict) -> list[str]:
     """Budgets smallest first, as run (results.json stores its keys sorted as text)."""
     return [b for b in res["meta"]["settings"]["budgets"] if b in res["partitions"]]
+
+
+ADAPTIVE_NOTE = ("Adaptive split (beyond the paper): `--partition auto:Ek` holds the same head Ek and chooses per "
+                 "batch after which of its exits to forward, from measured compute, link and cloud times and the "
+                 "recent exit shares. Time · accuracy · time against the static cell above · batches forwarded "
+                 "at each cut (exploration included):\n")
 
 
 def budget_table(res: dict, link: str) -> list:
@@ -179,6 +186,31 @@ def budget_table(res: dict, link: str) -> list:
                 cells.append(None if r is None else f"{r['seconds']:.2f} s · {100 * r['accuracy']:.1f} %"
                              + (f" · {r['answered']['degraded']} degraded" if r["answered"]["degraded"] else "")
                              + ("" if own == part else f" (at {own} †)"))
+        rows.append(cells)
+    return rows
+
+
+def adaptive_table(res: dict, link: str) -> list:
+    """The adaptive column: `--partition auto:Ek` (the head the budget gives, the cut chosen per
+    batch) against the static partition Ek of the same model, set and link."""
+    rows = []
+    for b in budgets(res):
+        p = res["partitions"][b]
+        part = p["partition"]
+        cells = [b, part + ("" if p["fits"] else " *")]
+        for k in ("bn", "cn", "cn+c", "bn+gate"):
+            own = partition_of(p, k)
+            for data in ("uniform", "biased"):
+                fixed, auto = net(res, link, k, own, data), net(res, link, k, f"auto:{own}", data)
+                if auto is None:
+                    cells.append(None)
+                    continue
+                cuts = auto.get("forwards_by_cut") or {}
+                used = ", ".join(f"{c} {n}" for c, n in sorted(cuts.items(), key=lambda x: int(x[0][1:])))
+                cells.append(f"{auto['seconds']:.2f} s · {100 * auto['accuracy']:.1f} %"
+                             + (f" · {auto['seconds'] / fixed['seconds']:.2f}× static" if fixed else "")
+                             + (f" · cuts {used}" if used else "")
+                             + ("" if own == part else f" (within {own} †)"))
         rows.append(cells)
     return rows
 
@@ -458,6 +490,8 @@ def write(out: Path, res: dict) -> Path:
                      f"{mm['up_bytes_received']:,} / {mm['down_bytes_received']:,}"]]))
         w("Total time for the set · accuracy (`BN + gating` is beyond the paper):\n")
         w(markdown(headers, budget_table(res, "shaped")))
+        w(ADAPTIVE_NOTE)
+        w(markdown(headers, adaptive_table(res, "shaped")))
         first = budgets(res)[0]
         p0 = parts[first]["partition"]
         bnb = net(res, "shaped", "bn", p0, "biased")
@@ -494,6 +528,8 @@ def write(out: Path, res: dict) -> Path:
         w(markdown(["budget", "partition", "set"] + [LABELS[k] for k in ("bn", "cn", "cn+c", "bn+gate")], rows))
     w("### On loopback (no shaping)\n")
     w(markdown(headers, budget_table(res, "loopback")))
+    w(ADAPTIVE_NOTE)
+    w(markdown(headers, adaptive_table(res, "loopback")))
     w("![budgets](budgets.png)\n")
 
     # What differs

@@ -360,6 +360,9 @@ class Study:
                     for data in ("uniform", "biased"):
                         for wire in wires:
                             jobs.append((link, model, part, data, wire))
+                        # The adaptive split within the same head: the edge chooses per batch after
+                        # which of its exits to forward (FP32, like the static column it is set against).
+                        jobs.append((link, model, f"auto:{part}", data, "fp32"))
         return jobs
 
     def network(self, prog: Progress, links: list[str], jobs: list[tuple]) -> None:
@@ -392,14 +395,16 @@ class Study:
                 addr = ep.addr if ep else cloud.addr
                 try:
                     for (_, _, part, data, wire) in [j for j in jobs if j[1] == model]:
-                        name = f"net-{link}-{model}-{part}-{data}-{wire}"
+                        name = f"net-{link}-{model}-{part.replace(':', '-')}-{data}-{wire}"
                         done = prog.step(f"{link} link: {v.label} at {part}, {data} set, {wire}")
                         r = edge_classify(self.bins, v.file, part, addr, sets[data], threads=1, concurrency=16,
                                           wire=wire, ns=netlink.EDGE_NS if ln else None)
                         self.save(name, r)
                         res[name] = {"seconds": r["seconds"], "accuracy": r["accuracy"], "answered": r["answered"],
                                      "wire_bytes_per_sample": r["wire_bytes_per_sample"], "samples": r["samples"],
-                                     "policy_version": r["policy_version"], "latency_ms": r["latency_ms"]}
+                                     "policy_version": r["policy_version"], "latency_ms": r["latency_ms"],
+                                     "forwards_by_cut": {c: x["batches"] for c, x in
+                                                         r.get("forwards_by_cut", {}).items()}}
                         done(f", accuracy {100 * r['accuracy']:.2f} %, "
                              f"edge {r['answered']['edge']} / cloud {r['answered']['cloud']}")
                 finally:

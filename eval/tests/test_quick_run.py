@@ -33,7 +33,8 @@ def test_report_has_every_part_and_real_plots(report):
     out, _ = report
     text = (out / "README.md").read_text()
     for part in ("## 1. Exit efficiency", "## 2. Priority-class speedup", "## 3. Latency versus composition",
-                 "## 4. Accuracy", "## 5. Memory budgets", "Link check", "INT8 against FP32", "On loopback"):
+                 "## 4. Accuracy", "## 5. Memory budgets", "Link check", "INT8 against FP32", "On loopback",
+                 "Adaptive split (beyond the paper)"):
         assert part in text, part
     assert "not run" not in text.lower()
     for png in ("exit-distribution", "speedup", "composition", "budgets"):
@@ -45,7 +46,9 @@ def test_report_has_every_part_and_real_plots(report):
 def test_every_run_is_kept_as_json(report):
     out, res = report
     runs = {p.stem: json.loads(p.read_text()) for p in (out / "runs").glob("*.json")}
-    assert len([r for r in runs if r.startswith("net-")]) == len(res["network"]["runs"]) == 48
+    # Static: 32 on the shaped link (FP32 and INT8), 16 on loopback; adaptive: 16 on each.
+    assert len([r for r in runs if r.startswith("net-")]) == len(res["network"]["runs"]) == 80
+    assert len([r for r in runs if "-auto-" in r]) == 32
     assert all(m["sha256"] and len(m["exit_macs"]) >= 1 for m in res["meta"]["models"].values())
     assert res["meta"]["commit"] and res["meta"]["machine"]["cores"]
 
@@ -71,6 +74,15 @@ def test_split_answers_do_not_depend_on_the_link(report):
         assert r["answered"]["edge"] + r["answered"]["cloud"] == 160, name
         if "-shaped-" in name and name.endswith("-fp32"):
             twin = runs[name.replace("-shaped-", "-loopback-")]
-            assert (r["accuracy"], r["answered"]) == (twin["accuracy"], twin["answered"]), name
+            if "-auto-" in name:
+                # The adaptive edge cuts where each link favours: the same answers, given elsewhere.
+                assert r["accuracy"] == twin["accuracy"], name
+            else:
+                assert (r["accuracy"], r["answered"]) == (twin["accuracy"], twin["answered"]), name
+        if "-auto-" in name:
+            # The cut changes where a sample is answered, never what: same accuracy as the static head.
+            static = runs[name.replace("-auto-", "-")]
+            assert r["accuracy"] == static["accuracy"], name
+            assert sum(r["forwards_by_cut"].values()) >= 1, name
     # The policy of BN + gating reached the edge before the run (version 1 of the gating policy).
     assert all(r["policy_version"] == 1 for n, r in runs.items() if "-bn+gate-" in n)

@@ -40,6 +40,13 @@ const EXPLORE_TRIES: u64 = 1;
 /// Recent observations kept per estimate.
 const WINDOW: usize = 48;
 
+/// How much faster (a fraction of the current cut's expected time) another cut must look before
+/// the planner leaves the current one. Two cuts within a few percent of each other are a tie
+/// that noisy measurements would otherwise decide afresh every few batches, and each move
+/// costs: the estimates of a cut not in use age, and batches in flight at the old cut queue
+/// with the new.
+const HYSTERESIS: f64 = 0.04;
+
 /// Why a batch was cut where it was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reason {
@@ -64,7 +71,13 @@ impl Reason {
     }
 }
 
-/// A least-squares line y = a + b·x over a window of recent points.
+/// Weight of a point one observation older than the next (a half-life of about 10 points).
+const RECENCY: f64 = 0.93;
+/// Points among which a line without spread in x looks for its smallest y.
+const RECENT_MIN: usize = 10;
+
+/// A least-squares line y = a + b·x over a window of recent points, the recent ones weighing
+/// most.
 #[derive(Debug, Clone, Default)]
 struct Line {
     points: VecDeque<(f64, f64)>,
@@ -91,15 +104,19 @@ impl Line {
     /// the points seen: a link that got slower or faster moves the estimate at once. With no
     /// separated fit yet, the fixed part is taken as half the smallest y.
     fn refit(&mut self) -> Option<(f64, f64)> {
-        let n = self.points.len() as f64;
-        if n == 0.0 {
+        let len = self.points.len();
+        if len == 0 {
             return None;
         }
-        let (sx, sy) = self.points.iter().fold((0.0, 0.0), |(a, b), &(x, y)| (a + x, b + y));
-        let (mx, my) = (sx / n, sy / n);
+        // Weighted by recency: a link or a cloud that changed shows within a few batches
+        // instead of after half the window has turned over.
+        let weighted = || self.points.iter().enumerate().map(|(i, &(x, y))| (RECENCY.powi((len - 1 - i) as i32), x, y));
+        let (w, sx, sy) = weighted().fold((0.0, 0.0, 0.0), |(w, a, b), (k, x, y)| (w + k, a + k * x, b + k * y));
+        let (mx, my) = (sx / w, sy / w);
         let (sxx, sxy) =
-            self.points.iter().fold((0.0, 0.0), |(a, b), &(x, y)| (a + (x - mx) * (x - mx), b + (x - mx) * (y - my)));
-        if n >= 3.0 && mx > 0.0 && sxx > (0.05 * mx).powi(2) * n {
+            weighted().fold((0.0, 0.0), |(a, b), (k, x, y)| (a + k * (x - mx) * (x - mx), b + k * (x - mx) * (y - my)));
+        let n = w;
+        if len >= 3 && mx > 0.0 && sxx > (0.05 * mx).powi(2) * n {
             let b = sxy / sxx;
             let a = my - b * mx;
             if b >= 0.0 && a >= 0.0 {
@@ -117,7 +134,8 @@ impl Line {
                 return Some((a * k, b * k));
             }
         }
-        let min_y = self.points.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
+        // The smallest of the recent points only: an old low point would hold the estimate down.
+        let min_y = self.points.iter().rev().take(RECENT_MIN).map(|p| p.1).fold(f64::INFINITY, f64::min);
         let a = (min_y / 2.0).min(my).max(0.0);
         let b = if mx > 0.0 { ((my - a) / mx).max(0.0) } else { 0.0 };
         Some((a, b))
@@ -129,6 +147,26 @@ impl Line {
 
     fn predict(&self, x: f64) -> Option<f64> {
         self.fit().map(|(a, b)| a + b * x)
+    }
+}
+
+/// A mean with the same recency weights as [`Line`].
+#[derive(Debug, Clone, Copy, Default)]
+struct Mean {
+    weight: f64,
+    sum: f64,
+}
+
+impl Mean {
+    fn push(&mut self, v: f64) {
+        if v.is_finite() {
+            self.weight = self.weight * RECENCY + 1.0;
+            self.sum = self.sum * RECENCY + v;
+        }
+    }
+
+    fn get(&self) -> Option<f64> {
+        (self.weight > 0.0).then(|| self.sum / self.weight)
     }
 }
 
@@ -164,8 +202,8 @@ struct Cut {
     tries: u64,
     /// Decision number of the last batch cut here.
     last: u64,
-    /// Bytes sent per forwarded sample (after compression).
-    bytes: Line,
+    /// Bytes sent per forwarded sample (after compression): it does not depend on the batch.
+    bytes: Mean,
     /// The cloud's server time against samples forwarded.
     server: Line,
 }
@@ -259,12 +297,17 @@ impl SplitPlanner {
             if let Some(i) = (0..s.per_cut.len()).find(|&i| now - s.per_cut[i].last > STALE_AFTER) {
                 return (i, Reason::Probe);
             }
-            let best = estimates(s, n)
-                .into_iter()
+            let est = estimates(s, n);
+            let best = est
+                .iter()
                 .enumerate()
                 .min_by(|a, b| a.1.total.total_cmp(&b.1.total))
                 .map_or(s.cuts.len() - 1, |(i, _)| i);
-            (best, Reason::Best)
+            let current = s.current.and_then(|c| s.cuts.iter().position(|&x| x == c));
+            match current {
+                Some(c) if est[best].total >= est[c].total * (1.0 - HYSTERESIS) => (c, Reason::Best),
+                _ => (best, Reason::Best),
+            }
         };
         let (i, reason) = pick(&s);
         s.per_cut[i].tries += 1;
@@ -316,7 +359,7 @@ impl SplitPlanner {
         let network = (rtt - server).max(0.0);
         s.link.push(sent_bytes as f64, network);
         if let Some(i) = s.cuts.iter().position(|&c| c == cut) {
-            s.per_cut[i].bytes.push(rows as f64, sent_bytes as f64 / rows as f64);
+            s.per_cut[i].bytes.push(sent_bytes as f64 / rows as f64);
             s.per_cut[i].server.push(rows as f64, server);
         }
         // Samples forwarded at `cut` reached every exit after it up to where they left.
@@ -355,7 +398,7 @@ fn estimates(s: &State, n: usize) -> Vec<Estimate> {
         let survivors = n * reach;
         let p_any = 1.0 - (1.0 - reach).powf(n);
         let c = &s.per_cut[i];
-        let bytes_per = c.bytes.fit().map_or(0.0, |(a, b)| a + b);
+        let bytes_per = c.bytes.get().unwrap_or(0.0);
         let (server_fixed, server_per) = c.server.fit().unwrap_or((0.0, 0.0));
         let transfer = if thr.is_finite() { survivors * bytes_per / thr } else { 0.0 };
         let link = p_any * rtt + transfer;
@@ -411,6 +454,38 @@ mod tests {
         let moved = cuts.iter().position(|&c| c == 1).expect("moves to E1");
         assert!(moved < 40, "moves within 40 batches of the change: {cuts:?}");
         assert!(cuts[moved..].iter().filter(|&&c| c == 1).count() >= cuts[moved..].len() - 1, "{cuts:?}");
+    }
+
+    #[test]
+    fn a_near_tie_keeps_the_current_cut_and_a_clear_gain_moves_it() {
+        // Two cuts whose costs differ by `gap` (a fraction): compute is the same, bytes differ.
+        let run = |p: &SplitPlanner, gap: f64, batches: usize| -> Vec<usize> {
+            (0..batches)
+                .map(|_| {
+                    let (cut, _) = p.choose(16);
+                    p.record_group(1, 16, 0, 0.010);
+                    if cut == 2 {
+                        p.record_group(2, 16, 0, 0.010);
+                    }
+                    // Transfer time is what the link line learns: 1 MB/s, 100 kB at E1.
+                    let bytes = if cut == 1 { 100_000.0 } else { 100_000.0 * (1.0 - gap) - 10_000.0 };
+                    p.record_forward(cut, 16, bytes as u64, 0.001 + bytes / 1e6 + 0.002, 0.002, &[6; 16]);
+                    cut
+                })
+                .collect()
+        };
+        let p = SplitPlanner::new(vec![1, 2], 7);
+        let cuts = run(&p, 0.0, 40);
+        let settled = *cuts.last().unwrap();
+        assert!(cuts[10..].iter().all(|&c| c == settled), "a tie does not flip-flop: {cuts:?}");
+        // The other cut becomes 2 % cheaper than the current: not enough to move.
+        let other = 3 - settled;
+        let gap = |target: usize, frac: f64| if target == 2 { frac } else { -frac };
+        let cuts = run(&p, gap(other, 0.02), 40);
+        assert!(cuts.iter().filter(|&&c| c == settled).count() >= 38, "a 2 % gain is within the noise: {cuts:?}");
+        // 30 % cheaper: it moves.
+        let cuts = run(&p, gap(other, 0.3), 60);
+        assert!(cuts[30..].iter().all(|&c| c == other), "a clear gain moves the cut: {cuts:?}");
     }
 
     #[test]
