@@ -3,7 +3,6 @@
 //! head's compute, while the samples of its batch that go on wait out the cloud timeout and come
 //! back degraded. Real ONNX Runtime, the zoo's ResNet-110 CN+C at E2, real gRPC on loopback.
 
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -18,9 +17,8 @@ use classynet_runtime::runner::{SampleResult, SegmentedRunner};
 use classynet_serving::codec;
 use prost::Message;
 
-fn zoo(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/zoo").join(name)
-}
+mod common;
+use common::zoo;
 
 /// The first test images the E2 head answers at E1 and the first it forwards.
 fn pick_samples(model: &Model, early: usize, forwarded: usize) -> (Vec<usize>, Vec<usize>, Dataset) {

@@ -4,27 +4,15 @@
 //! metrics registry is per process.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 
 use clap::Parser;
 use classynet_runtime::model::Model;
 use classynet_runtime::partition::segments;
 use classynet_runtime::planner::{choose_batch, plan, Formula};
 use edge_agent::{classify, Config};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-fn zoo(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/zoo").join(name)
-}
-
-async fn scrape(addr: std::net::SocketAddr) -> String {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n").await.unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).await.unwrap();
-    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-    text.split("\r\n\r\n").nth(1).unwrap().to_string()
-}
+mod common;
+use common::{scrape, zoo};
 
 /// The value of every `name{side="edge"} value` line.
 fn gauges(text: &str) -> HashMap<String, f64> {

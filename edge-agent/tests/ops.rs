@@ -17,9 +17,8 @@ use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose
 use tokio::io::AsyncBufReadExt;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
-fn zoo(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/zoo").join(name)
-}
+mod common;
+use common::zoo;
 
 fn cloud_config(listen: &str) -> cloud_server::Config {
     let model = zoo("tiny-3exit-cn.onnx");

@@ -5,7 +5,6 @@
 //! times the expected figures): they catch an unbounded queue, not a slow machine.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -17,9 +16,8 @@ use tonic::Code;
 const IN_FLIGHT: usize = 1024;
 const QUEUE_DELAY: Duration = Duration::from_millis(300);
 
-fn zoo(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/zoo").join(name)
-}
+mod common;
+use common::zoo;
 
 fn request(n: usize) -> ModelInferRequest {
     ModelInferRequest {

@@ -1,10 +1,9 @@
 //! edge-agent and cloud-server over real sockets on 127.0.0.1 (port 0), on the zoo's tiny model
 //! and the Fashion-MNIST test set.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use clap::Parser;
 use classynet_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use classynet_proto::inference::*;
 use classynet_runtime::dataset::{Dataset, Pixels};
@@ -18,37 +17,17 @@ use edge_agent::{classify, Config, Edge, WireDtype};
 
 const SAMPLES: usize = 600;
 
-fn zoo(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/zoo").join(name)
-}
+mod common;
+use common::{answers, zoo};
 
-/// The flags a user would give (tests run without CLOUD_SERVER_* variables in the environment).
 fn cloud_config(model: PathBuf, listen: &str, policy: Option<PathBuf>) -> cloud_server::Config {
-    let mut c = cloud_server::Config::parse_from(
-        ["cloud-server", "--listen", listen, "--threads", "1", "--max-delay-ms", "1"]
-            .into_iter()
-            .chain(["--model", model.to_str().unwrap()]),
-    );
+    let mut c = common::cloud_config(&model, listen, &[]);
     c.policy = policy;
     c
 }
 
 fn edge_config(model: Option<PathBuf>, partition: &str, server: String) -> Config {
-    let mut c = Config::parse_from([
-        "edge-agent",
-        "--partition",
-        partition,
-        "--server",
-        &server,
-        "--listen",
-        "127.0.0.1:0",
-        "--cloud-timeout-ms",
-        "1000",
-        "--threads",
-        "1",
-    ]);
-    c.model = model;
-    c
+    common::edge_config(model.as_deref(), partition, &server, 1000, &[])
 }
 
 /// What `classynet run` answers for the same samples and policy.
@@ -67,10 +46,6 @@ fn local(model: &Model, policy: &Policy) -> Vec<(u32, usize)> {
         }
     }
     out
-}
-
-fn answers(out: &edge_agent::ClassifyOutput) -> Vec<(u32, usize)> {
-    out.answers.iter().map(|a| a.map(|(c, e, _)| (c, e)).expect("every sample answered")).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

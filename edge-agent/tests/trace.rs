@@ -3,15 +3,13 @@
 //! own test binary: it installs the process-wide log subscriber.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use clap::Parser;
 use edge_agent::{classify, Config, Edge};
 
-fn zoo(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/zoo").join(name)
-}
+mod common;
+use common::zoo;
 
 #[derive(Clone, Default)]
 struct Buffer(Arc<Mutex<Vec<u8>>>);

@@ -2,7 +2,7 @@
 //! tensors, a client that compresses with gzip only, and `--partition auto` choosing its cut
 //! over a slow link (the project's delay relay with a small in-flight window).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use clap::Parser;
@@ -15,46 +15,15 @@ use classynet_serving::codec::{self, WireDtype};
 use edge_agent::{classify, Config, Edge};
 use tonic::codec::CompressionEncoding;
 
-fn zoo(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/zoo").join(name)
-}
+mod common;
+use common::{answers, zoo};
 
 fn cloud_config(model: &Path) -> cloud_server::Config {
-    cloud_server::Config::parse_from([
-        "cloud-server",
-        "--listen",
-        "127.0.0.1:0",
-        "--threads",
-        "1",
-        "--max-delay-ms",
-        "1",
-        "--model",
-        model.to_str().unwrap(),
-    ])
+    common::cloud_config(model, "127.0.0.1:0", &[])
 }
 
 fn edge_config(model: &Path, partition: &str, server: String, extra: &[&str]) -> Config {
-    let mut args = vec![
-        "edge-agent",
-        "--partition",
-        partition,
-        "--server",
-        &server,
-        "--listen",
-        "127.0.0.1:0",
-        "--cloud-timeout-ms",
-        "5000",
-        "--threads",
-        "1",
-    ];
-    args.extend_from_slice(extra);
-    let mut c = Config::parse_from(args);
-    c.model = Some(model.to_path_buf());
-    c
-}
-
-fn answers(out: &edge_agent::ClassifyOutput) -> Vec<(u32, usize)> {
-    out.answers.iter().map(|a| a.map(|(c, e, _)| (c, e)).expect("every sample answered")).collect()
+    common::edge_config(Some(model), partition, &server, 5000, extra)
 }
 
 /// Compression is lossless: for every wire dtype the answers with zstd and gzip are those

@@ -173,7 +173,9 @@ ADAPTIVE_NOTE = ("Adaptive split (beyond the paper): `--partition auto:Ek` holds
                  "at each cut (exploration included):\n")
 
 
-def budget_table(res: dict, link: str) -> list:
+def _budget_rows(res: dict, cell) -> list:
+    """One row per budget: the budget, BN's partition, then `cell(model, own partition, data,
+    marked)` for every model and test set (`marked`: the model runs at a partition of its own)."""
     rows = []
     for b in budgets(res):
         p = res["partitions"][b]
@@ -182,37 +184,35 @@ def budget_table(res: dict, link: str) -> list:
         for k in ("bn", "cn", "cn+c", "bn+gate"):
             own = partition_of(p, k)
             for data in ("uniform", "biased"):
-                r = net(res, link, k, own, data)
-                cells.append(None if r is None else f"{r['seconds']:.2f} s · {100 * r['accuracy']:.1f} %"
-                             + (f" · {r['answered']['degraded']} degraded" if r["answered"]["degraded"] else "")
-                             + ("" if own == part else f" (at {own} †)"))
+                cells.append(cell(k, own, data, own != part))
         rows.append(cells)
     return rows
+
+
+def budget_table(res: dict, link: str) -> list:
+    def cell(k, own, data, marked):
+        r = net(res, link, k, own, data)
+        return None if r is None else (f"{r['seconds']:.2f} s · {100 * r['accuracy']:.1f} %"
+                                       + (f" · {r['answered']['degraded']} degraded" if r["answered"]["degraded"]
+                                          else "")
+                                       + (f" (at {own} †)" if marked else ""))
+    return _budget_rows(res, cell)
 
 
 def adaptive_table(res: dict, link: str) -> list:
     """The adaptive column: `--partition auto:Ek` (the head the budget gives, the cut chosen per
     batch) against the static partition Ek of the same model, set and link."""
-    rows = []
-    for b in budgets(res):
-        p = res["partitions"][b]
-        part = p["partition"]
-        cells = [b, part + ("" if p["fits"] else " *")]
-        for k in ("bn", "cn", "cn+c", "bn+gate"):
-            own = partition_of(p, k)
-            for data in ("uniform", "biased"):
-                fixed, auto = net(res, link, k, own, data), net(res, link, k, f"auto:{own}", data)
-                if auto is None:
-                    cells.append(None)
-                    continue
-                cuts = auto.get("forwards_by_cut") or {}
-                used = ", ".join(f"{c} {n}" for c, n in sorted(cuts.items(), key=lambda x: int(x[0][1:])))
-                cells.append(f"{auto['seconds']:.2f} s · {100 * auto['accuracy']:.1f} %"
-                             + (f" · {auto['seconds'] / fixed['seconds']:.2f}× static" if fixed else "")
-                             + (f" · cuts {used}" if used else "")
-                             + ("" if own == part else f" (within {own} †)"))
-        rows.append(cells)
-    return rows
+    def cell(k, own, data, marked):
+        fixed, auto = net(res, link, k, own, data), net(res, link, k, f"auto:{own}", data)
+        if auto is None:
+            return None
+        cuts = auto.get("forwards_by_cut") or {}
+        used = ", ".join(f"{c} {n}" for c, n in sorted(cuts.items(), key=lambda x: int(x[0][1:])))
+        return (f"{auto['seconds']:.2f} s · {100 * auto['accuracy']:.1f} %"
+                + (f" · {auto['seconds'] / fixed['seconds']:.2f}× static" if fixed else "")
+                + (f" · cuts {used}" if used else "")
+                + (f" (within {own} †)" if marked else ""))
+    return _budget_rows(res, cell)
 
 
 def plot_budgets(res: dict, path: Path) -> None:

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t = sub.add_parser("train", help="train (or resume) a model; checkpoints go to --out")
     t.add_argument("--mode", choices=MODES, default="cn", help="base, bn (BranchyNet), cn (bags), cn+c (bags + costs), cs (costs)")
-    t.add_argument("--backbone", default="resnet110", help="resnet110, resnet20 or tiny")
+    t.add_argument("--backbone", default="resnet110", help="resnet110, resnet20, alexnet, inceptionv3 or tiny")
     t.add_argument("--exits", default="7exit", help="exit configuration: 7exit or 3exit (base ignores it)")
     t.add_argument("--scheme", choices=["ic", "mc"], default="ic", help="incremental or mutually exclusive class sets")
     t.add_argument("--assign", help="classes per early exit, e.g. '9;8;6;1;7;0' (default: the paper's)")

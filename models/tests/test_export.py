@@ -15,17 +15,6 @@ from classynet_models.export import export_run
 from classynet_models.train import TrainConfig, train
 
 
-@pytest.fixture
-def npz_data(tmp_path):
-    """200 28x28 images in 3 classes with class-dependent brightness (learnable in a few steps)."""
-    rng = np.random.default_rng(1)
-    y = np.arange(200) % 3
-    x = np.clip(rng.normal(60 + 70 * y[:, None, None], 25, (200, 28, 28)), 0, 255).astype(np.uint8)
-    path = tmp_path / "toy.npz"
-    np.savez(path, x=x, y=y)
-    return path
-
-
 def tiny_cfg(path, **kw):
     base = dict(mode="cn+c", backbone="tiny", exits="3exit", scheme="ic", assignment=[[2], [0]],
                 weights=[0.3, 0.3, 0.4], thresholds=[0.4, 0.4], dataset=f"npz:{path}", epochs=2,

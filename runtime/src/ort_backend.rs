@@ -429,17 +429,7 @@ mod tests {
     }
 
     fn graph(nodes: Vec<onnx::NodeProto>, weight_dims: &[i64]) -> onnx::ModelProto {
-        let float = |name: &str| onnx::ValueInfoProto {
-            name: Some(name.into()),
-            r#type: Some(onnx::TypeProto {
-                value: Some(onnx::type_proto::Value::TensorType(onnx::type_proto::Tensor {
-                    elem_type: Some(onnx::tensor_proto::DataType::Float as i32),
-                    shape: None,
-                })),
-                denotation: None,
-            }),
-            ..Default::default()
-        };
+        let float = crate::partition::float_tensor;
         onnx::ModelProto {
             graph: Some(onnx::GraphProto {
                 node: nodes,

@@ -274,7 +274,7 @@ fn sparse_name(t: &onnx::SparseTensorProto) -> &str {
     t.values.as_ref().map(|v| v.name()).unwrap_or("")
 }
 
-fn float_tensor(name: &str) -> onnx::ValueInfoProto {
+pub(crate) fn float_tensor(name: &str) -> onnx::ValueInfoProto {
     onnx::ValueInfoProto {
         name: Some(name.to_string()),
         r#type: Some(onnx::TypeProto {

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from .alexnet import ALEXNET_EXITS, alexnet
 from .base import EarlyExitNet, ExitHead
+from .inception import INCEPTION_EXITS, inception_v3
 from .resnet import EXIT_LAYERS, resnet
 from .tiny import TINY_EXITS, tiny
 
@@ -32,6 +34,9 @@ BACKBONES: dict[str, Backbone] = {
     "resnet110": Backbone(EXIT_LAYERS, lambda c, i, w, h: resnet(110, c, i, w, h)),
     "resnet20": Backbone(EXIT_LAYERS, lambda c, i, w, h: resnet(20, c, i, w, h)),
     "tiny": Backbone(TINY_EXITS, tiny),
+    "alexnet": Backbone(ALEXNET_EXITS, alexnet),
+    # Half the original's channels: this project trains on CPUs (see backbones/inception.py).
+    "inceptionv3": Backbone(INCEPTION_EXITS, lambda c, i, w, h: inception_v3(c, i, w, h, width=0.5)),
 }
 
 
