@@ -48,9 +48,11 @@ async fn compressed_forwards_answer_like_uncompressed_ones_with_fewer_bytes_sent
             assert_eq!(out.json["answered"]["degraded"], 0, "{dtype:?} {compression}");
             assert!(tensor > 0.0, "{dtype:?} {compression}: something was forwarded");
             match compression {
-                // Uncompressed: the tensor plus the message around it.
+                // Uncompressed: the tensor plus the message around it (INT8 adds a scale and
+                // zero point per sample and channel as text, about 8 % of this small cut, and a
+                // loaded machine makes more, smaller batches, each with its own message).
                 "none" => {
-                    assert!(sent > tensor && sent < tensor * 1.1, "{dtype:?}: {sent} sent for {tensor}");
+                    assert!(sent > tensor && sent < tensor * 1.25, "{dtype:?}: {sent} sent for {tensor}");
                     plain = Some(answers(&out));
                 }
                 _ => {

@@ -230,7 +230,7 @@ impl<B: Backend> SegmentedRunner<B> {
                 settled.push(at);
             }
             if let Some(p) = &self.split {
-                p.record_group(end, alive.len(), left, seconds);
+                p.record_group(end, alive.len(), left, seconds, out.cut.as_ref().map_or(0, Tensor::row_len));
             }
             let w = rule.width();
             let Some(cut_tensor) = out.cut else {
@@ -428,7 +428,12 @@ pub(crate) mod tests {
             SegmentedRunner::new(fake, 0, &Policy::defaults(&meta3()), None).unwrap().with_split(planner.clone());
         assert_eq!(planner.cuts(), vec![1, 2], "the head's group ends are the candidates");
         let input = [25.0, 1.0, 13.0, 31.0];
-        // Exploring: E1 first, then E2.
+        // Exploring: the deepest cut first (its batch measures every group), then E1.
+        let at_e2 = adaptive.run(batch(&input)).unwrap();
+        assert_eq!(at_e2.forward.as_ref().unwrap().after_exit, 2);
+        assert_eq!(at_e2.forward.unwrap().rows, vec![0, 3], "13 left at E2");
+        assert_eq!(adaptive.backend.calls.len(), 2, "both segments ran");
+        adaptive.backend.calls.clear();
         let at_e1 = adaptive.run(batch(&input)).unwrap();
         let static_e1 = SegmentedRunner::new(
             Fake { segments: 1, widths: vec![4, 4, 4], calls: vec![] },
@@ -444,9 +449,6 @@ pub(crate) mod tests {
         assert_eq!((a.rows.clone(), a.cut.data.clone(), a.after_exit), (s.rows, s.cut.data, 1));
         assert_eq!(a.reason, Reason::Explore);
         assert_eq!(adaptive.backend.calls, vec![(0, 4)], "E2's segment did not run");
-        let at_e2 = adaptive.run(batch(&input)).unwrap();
-        assert_eq!(at_e2.forward.as_ref().unwrap().after_exit, 2);
-        assert_eq!(at_e2.forward.unwrap().rows, vec![0, 3], "13 left at E2");
     }
 
     #[test]

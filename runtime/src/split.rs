@@ -23,10 +23,14 @@
 //! recent bytes sent per sample at cut c (after compression), and server_c a line over the
 //! cloud's reported server time at that cut.
 //!
-//! Exploration: until every cut has been tried once the planner tries each in turn, and a cut
-//! not tried for [`STALE_AFTER`] batches is probed once, so that its estimates follow the cloud
-//! and the traffic; the link's own estimate is shared by all cuts, so a link that changes moves
-//! the choice at once, without probes. Decisions that change the cut are logged.
+//! Exploration: the first batch goes to the deepest cut, which measures every group's compute
+//! and every cut tensor's size. A cut not yet tried is tried once, and a cut not used for
+//! [`STALE_AFTER`] batches is probed once, only if what is known of it (its bytes from its
+//! tensor's size and the wire's bytes per value, no server time yet) puts it within
+//! `EXPLORE_MARGIN` of the best cut tried: on a slow link a try of a shallow cut costs several
+//! batches. The link's estimate is shared by all cuts, so a link that changes moves the choice
+//! at once, without probes. The current cut is left only for one clearly faster (`HYSTERESIS`).
+//! Decisions that change the cut are logged.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -37,6 +41,9 @@ pub const STALE_AFTER: u64 = 200;
 /// and the link are measured on every batch anyway, and each try of a cut that is not the best
 /// costs time (6 tries of a 7-exit model are a tenth of a 1,000-sample run).
 const EXPLORE_TRIES: u64 = 1;
+/// How much slower than the best cut tried (a fraction) a cut may look and still be tried or
+/// probed.
+const EXPLORE_MARGIN: f64 = 0.25;
 /// Recent observations kept per estimate.
 const WINDOW: usize = 48;
 
@@ -206,6 +213,8 @@ struct Cut {
     bytes: Mean,
     /// The cloud's server time against samples forwarded.
     server: Line,
+    /// Values per sample of the cut tensor here (seen whenever a batch runs past this cut).
+    values: Option<f64>,
 }
 
 struct State {
@@ -219,6 +228,9 @@ struct State {
     leave: Vec<Share>,
     /// Network seconds (round trip less the cloud's server time) against bytes sent per call.
     link: Line,
+    /// Bytes sent per value of a forwarded cut tensor (the wire's dtype and compression): with
+    /// a cut's values per sample, its bytes before it was ever forwarded.
+    per_value: Mean,
     decisions: u64,
     current: Option<usize>,
 }
@@ -251,6 +263,7 @@ impl SplitPlanner {
                 compute: vec![Line::default(); n],
                 leave: vec![Share::default(); exits],
                 link: Line::default(),
+                per_value: Mean::default(),
                 decisions: 0,
                 current: None,
             }),
@@ -288,19 +301,35 @@ impl SplitPlanner {
         s.decisions += 1;
         let now = s.decisions;
         let pick = |s: &State| -> (usize, Reason) {
-            // Cuts tried too little, in turn (the least tried, shallowest first).
-            if let Some(i) =
-                (0..s.per_cut.len()).filter(|&i| s.per_cut[i].tries < EXPLORE_TRIES).min_by_key(|&i| s.per_cut[i].tries)
+            let tried = |i: usize| s.per_cut[i].tries >= EXPLORE_TRIES;
+            // First the deepest cut: its batch runs every group, so one batch measures the
+            // compute of all of them and the size of every cut tensor.
+            if (0..s.cuts.len()).all(|i| !tried(i)) {
+                return (s.cuts.len() - 1, Reason::Explore);
+            }
+            let est = estimates(s, n);
+            let best_tried =
+                (0..s.cuts.len()).filter(|&i| tried(i)).map(|i| est[i].total).fold(f64::INFINITY, f64::min);
+            // A cut is worth a try (or a probe, when its figures are stale) only if, with what is
+            // known of it (its bytes from its tensor's size before it was ever forwarded, no
+            // server time yet), it could be near the best: on a slow link one try of a shallow
+            // cut costs several batches' worth of time.
+            let promising = |i: usize| est[i].total <= best_tried * (1.0 + EXPLORE_MARGIN);
+            if let Some(i) = (0..s.cuts.len())
+                .filter(|&i| !tried(i) && promising(i))
+                .min_by(|&a, &b| est[a].total.total_cmp(&est[b].total))
             {
                 return (i, Reason::Explore);
             }
-            if let Some(i) = (0..s.per_cut.len()).find(|&i| now - s.per_cut[i].last > STALE_AFTER) {
+            if let Some(i) =
+                (0..s.cuts.len()).find(|&i| tried(i) && now - s.per_cut[i].last > STALE_AFTER && promising(i))
+            {
                 return (i, Reason::Probe);
             }
-            let est = estimates(s, n);
             let best = est
                 .iter()
                 .enumerate()
+                .filter(|&(i, _)| tried(i))
                 .min_by(|a, b| a.1.total.total_cmp(&b.1.total))
                 .map_or(s.cuts.len() - 1, |(i, _)| i);
             let current = s.current.and_then(|c| s.cuts.iter().position(|&x| x == c));
@@ -336,11 +365,15 @@ impl SplitPlanner {
     }
 
     /// The group ending at exit count `end` took `seconds` for `rows` rows, of which `left`
-    /// were answered at that exit (exit index `end - 1`).
-    pub fn record_group(&self, end: usize, rows: usize, left: usize, seconds: f64) {
+    /// were answered at that exit (exit index `end - 1`); its cut tensor has `values` values
+    /// per sample (0: none, the model's last exit).
+    pub fn record_group(&self, end: usize, rows: usize, left: usize, seconds: f64, values: usize) {
         let mut s = self.state();
         if let Some(i) = s.cuts.iter().position(|&c| c == end) {
             s.compute[i].push(rows as f64, seconds);
+            if values > 0 {
+                s.per_cut[i].values = Some(values as f64);
+            }
         }
         if let Some(share) = s.leave.get_mut(end - 1) {
             share.add(left as f64, rows as f64);
@@ -359,6 +392,9 @@ impl SplitPlanner {
         let network = (rtt - server).max(0.0);
         s.link.push(sent_bytes as f64, network);
         if let Some(i) = s.cuts.iter().position(|&c| c == cut) {
+            if let Some(values) = s.per_cut[i].values {
+                s.per_value.push(sent_bytes as f64 / (rows as f64 * values));
+            }
             s.per_cut[i].bytes.push(sent_bytes as f64 / rows as f64);
             s.per_cut[i].server.push(rows as f64, server);
         }
@@ -398,7 +434,9 @@ fn estimates(s: &State, n: usize) -> Vec<Estimate> {
         let survivors = n * reach;
         let p_any = 1.0 - (1.0 - reach).powf(n);
         let c = &s.per_cut[i];
-        let bytes_per = c.bytes.get().unwrap_or(0.0);
+        // Until a cut is forwarded at, its bytes follow from its tensor's size and the wire.
+        let prior = c.values.zip(s.per_value.get()).map(|(v, b)| v * b);
+        let bytes_per = c.bytes.get().or(prior).unwrap_or(0.0);
         let (server_fixed, server_per) = c.server.fit().unwrap_or((0.0, 0.0));
         let transfer = if thr.is_finite() { survivors * bytes_per / thr } else { 0.0 };
         let link = p_any * rtt + transfer;
@@ -429,7 +467,7 @@ mod tests {
                 let (cut, _) = p.choose(n);
                 let i = p.cuts().iter().position(|&c| c == cut).unwrap();
                 for (g, per_row) in compute_per_row.iter().enumerate().take(i + 1) {
-                    p.record_group(p.cuts()[g], n, 0, 0.0005 + per_row * n as f64);
+                    p.record_group(p.cuts()[g], n, 0, 0.0005 + per_row * n as f64, (bytes[g] / 4.0) as usize);
                 }
                 let sent = (bytes[i] * n as f64) as u64;
                 let server = 0.002 + 0.0001 * n as f64;
@@ -443,11 +481,11 @@ mod tests {
     #[test]
     fn converges_to_the_cut_that_is_clearly_best_and_moves_when_the_link_changes() {
         let p = SplitPlanner::new(vec![1, 3, 5], 7);
-        // A slow link (1 MB/s): bytes dominate; cut 5 (10 kB per sample) is best by far.
+        // A slow link (1 MB/s): bytes dominate; cut 5 (10 kB per sample) is best by far. The
+        // first batch goes to the deepest cut and measures every group and tensor; the others
+        // (2 and 4 times the bytes) are then known to be far slower and never tried.
         let cuts = simulate(&p, 60, 0.05, 1e6);
-        assert!(cuts[..6].iter().all(|&c| [1, 3, 5].contains(&c)), "explores first: {cuts:?}");
-        let settled = &cuts[6..];
-        assert!(settled.iter().all(|&c| c == 5), "a slow link settles on the deepest cut: {cuts:?}");
+        assert!(cuts.iter().all(|&c| c == 5), "a slow link settles on the deepest cut at once: {cuts:?}");
         // A fast link (1 GB/s): the head's compute dominates; cut 1 is best. The link estimate
         // is shared, so the move needs no probe of the other cuts.
         let cuts = simulate(&p, 60, 0.0005, 1e9);
@@ -463,9 +501,9 @@ mod tests {
             (0..batches)
                 .map(|_| {
                     let (cut, _) = p.choose(16);
-                    p.record_group(1, 16, 0, 0.010);
+                    p.record_group(1, 16, 0, 0.010, 0);
                     if cut == 2 {
-                        p.record_group(2, 16, 0, 0.010);
+                        p.record_group(2, 16, 0, 0.010, 0);
                     }
                     // Transfer time is what the link line learns: 1 MB/s, 100 kB at E1.
                     let bytes = if cut == 1 { 100_000.0 } else { 100_000.0 * (1.0 - gap) - 10_000.0 };
@@ -489,13 +527,37 @@ mod tests {
     }
 
     #[test]
+    fn a_cut_is_tried_only_when_what_is_known_of_it_could_make_it_near_the_best() {
+        // Equal compute per group; the cut tensors hold 12,544, 6,272 and 1,568 values per
+        // sample (4 bytes each on the wire). Over a link of 5 MB/s the transfer decides: cut 5
+        // is best, cuts 3 and 1 send 4 and 8 times its bytes and are never tried.
+        let p = SplitPlanner::new(vec![1, 3, 5], 7);
+        let values = [12_544usize, 6_272, 1_568];
+        let mut chosen = Vec::new();
+        for _ in 0..40 {
+            let (cut, _) = p.choose(16);
+            let i = p.cuts().iter().position(|&c| c == cut).unwrap();
+            for (g, &v) in values.iter().enumerate().take(i + 1) {
+                p.record_group(p.cuts()[g], 16, 0, 0.004, v);
+            }
+            let sent = 16 * values[i] as u64 * 4;
+            p.record_forward(cut, 16, sent, 0.01 + sent as f64 / 5e6 + 0.005, 0.005, &[6; 16]);
+            chosen.push(cut);
+        }
+        assert_eq!(chosen[0], 5, "the deepest cut first: {chosen:?}");
+        assert!(chosen.iter().all(|&c| c == 5), "cuts 1 and 3 are known to be slower: {chosen:?}");
+        let e = p.estimates(16);
+        assert!(e[0].link > 4.0 * e[2].link && e[1].link > 2.0 * e[2].link, "bytes known without a try: {e:?}");
+    }
+
+    #[test]
     fn a_stale_cut_is_probed_and_probes_are_a_small_share() {
         let p = SplitPlanner::new(vec![1, 3, 5], 7);
         let mut reasons = Vec::new();
         for _ in 0..1000 {
             let (cut, reason) = p.choose(16);
             reasons.push(reason);
-            p.record_group(1, 16, 0, 0.01);
+            p.record_group(1, 16, 0, 0.01, 0);
             p.record_forward(cut, 16, 16 * 40_000 / cut as u64, 0.1, 0.01, &[6; 16]);
         }
         let probes = reasons.iter().filter(|r| **r == Reason::Probe).count();
@@ -509,9 +571,9 @@ mod tests {
         let p = SplitPlanner::new(vec![1, 3], 7);
         for _ in 0..10 {
             let (cut, _) = p.choose(16);
-            p.record_group(1, 16, 0, 0.001);
+            p.record_group(1, 16, 0, 0.001, 0);
             if cut == 3 {
-                p.record_group(3, 16, 16, 0.002);
+                p.record_group(3, 16, 16, 0.002, 0);
             } else {
                 p.record_forward(1, 16, 16 * 40_000, 0.05 + 0.64, 0.002, &[2; 16]);
             }
