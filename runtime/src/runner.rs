@@ -434,6 +434,8 @@ pub(crate) mod tests {
         assert_eq!(at_e2.forward.unwrap().rows, vec![0, 3], "13 left at E2");
         assert_eq!(adaptive.backend.calls.len(), 2, "both segments ran");
         adaptive.backend.calls.clear();
+        // Its forward comes back (a fast link): now E1 is worth a try.
+        planner.record_forward(2, 2, 100, 0.002, 0.001, &[2, 2]);
         let at_e1 = adaptive.run(batch(&input)).unwrap();
         let static_e1 = SegmentedRunner::new(
             Fake { segments: 1, widths: vec![4, 4, 4], calls: vec![] },

@@ -44,6 +44,10 @@ const EXPLORE_TRIES: u64 = 1;
 /// How much slower than the best cut tried (a fraction) a cut may look and still be tried or
 /// probed.
 const EXPLORE_MARGIN: f64 = 0.25;
+/// Batches after which the planner explores even though no forward has measured the link yet
+/// (every sample left before the deepest cut: forwarding there costs nothing, but a shallower
+/// cut may still save compute).
+const BLIND_BATCHES: u64 = 32;
 /// Recent observations kept per estimate.
 const WINDOW: usize = 48;
 
@@ -304,7 +308,10 @@ impl SplitPlanner {
             let tried = |i: usize| s.per_cut[i].tries >= EXPLORE_TRIES;
             // First the deepest cut: its batch runs every group, so one batch measures the
             // compute of all of them and the size of every cut tensor.
-            if (0..s.cuts.len()).all(|i| !tried(i)) {
+            // Until a forward has measured the link (batches are decided while earlier ones are
+            // still in flight) every other cut would look free: stay there.
+            let link_known = s.link.fit().is_some() || now > BLIND_BATCHES;
+            if (0..s.cuts.len()).all(|i| !tried(i)) || !link_known {
                 return (s.cuts.len() - 1, Reason::Explore);
             }
             let est = estimates(s, n);
@@ -551,6 +558,22 @@ mod tests {
     }
 
     #[test]
+    fn batches_decided_before_any_forward_returns_stay_at_the_deepest_cut() {
+        let p = SplitPlanner::new(vec![1, 3, 5], 7);
+        // 16 batches in flight: the runner has measured them, no forward has come back.
+        for _ in 0..16 {
+            let (cut, reason) = p.choose(16);
+            assert_eq!((cut, reason), (5, Reason::Explore));
+            for (g, v) in [(1, 12_544), (3, 6_272), (5, 1_568)] {
+                p.record_group(g, 16, 0, 0.004, v);
+            }
+        }
+        // Once the link is measured (slow: 1 MB/s), the shallow cuts are known to be worse.
+        p.record_forward(5, 16, 16 * 1_568 * 4, 0.01 + 16.0 * 1_568.0 * 4.0 / 1e6 + 0.005, 0.005, &[6; 16]);
+        assert_eq!(p.choose(16).0, 5);
+    }
+
+    #[test]
     fn a_stale_cut_is_probed_and_probes_are_a_small_share() {
         let p = SplitPlanner::new(vec![1, 3, 5], 7);
         let mut reasons = Vec::new();
@@ -568,8 +591,10 @@ mod tests {
     #[test]
     fn early_exits_make_deeper_cuts_cheaper_on_a_slow_link() {
         // With every sample leaving at E3, cutting at E3 forwards nothing at all.
+        // No forward ever measures the link at E3, so E1 is tried once the planner stops
+        // waiting for one (BLIND_BATCHES).
         let p = SplitPlanner::new(vec![1, 3], 7);
-        for _ in 0..10 {
+        for _ in 0..BLIND_BATCHES + 8 {
             let (cut, _) = p.choose(16);
             p.record_group(1, 16, 0, 0.001, 0);
             if cut == 3 {
