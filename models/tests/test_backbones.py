@@ -1,6 +1,7 @@
 """AlexNet and InceptionV3: the paper's exits, their shapes on 28x28 input, and exports that match
 PyTorch through ONNX Runtime."""
 import json
+import subprocess
 
 import onnx
 import pytest
@@ -9,7 +10,7 @@ import torch
 from classynet_models.backbones import BACKBONES, build
 from classynet_models.backbones.alexnet import ALEXNET_EXITS
 from classynet_models.backbones.inception import INCEPTION_EXITS, UNIT_END_LAYERS, unit_of_layer
-from classynet_models.export import export_run
+from classynet_models.export import classynet_binary, export_run
 from classynet_models.train import TrainConfig, train
 
 
@@ -59,3 +60,9 @@ def test_a_trained_run_exports_and_matches_pytorch(tmp_path, npz_data, backbone,
     meta = json.loads({p.key: p.value for p in onnx.load(str(out)).metadata_props}["classynet"])
     assert [e["name"] for e in meta["exits"]] == [f"E{i + 1}" for i in range(n)]
     assert all(e["cut"] for e in meta["exits"][:-1]) and meta["exits"][-1]["cut"] is None
+    # The runtime cuts the graph at every exit (InceptionV3: between modules whose branches run in
+    # parallel) and head + tail compute what the whole model computes, on both engines.
+    for backend in ("ort", "tract"):
+        p = subprocess.run([str(classynet_binary()), "--backend", backend, "verify-split", "--model", str(out),
+                            "--limit", "32"], capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0 and "every partition matches the full model" in p.stdout, p.stdout + p.stderr
