@@ -14,6 +14,9 @@ def write_card(onnx_path: Path, info: dict, base_card: Path | None = None) -> di
     cfg = info["config"]
     summary = info.get("summary", {})
     data = onnx_path.read_bytes()
+    from .backbones import BACKBONES
+
+    backbone = BACKBONES.get(cfg["backbone"])
     card = {
         "model": onnx_path.name,
         "sha256": hashlib.sha256(data).hexdigest(),
@@ -44,6 +47,7 @@ def write_card(onnx_path: Path, info: dict, base_card: Path | None = None) -> di
         "exit_distribution_per_class": m["exit_distribution_per_class"],
         "export_max_abs_diff": info["max_abs_diff"],
         "samples": m.get("samples"),
+        "adaptation": backbone.adaptation if backbone else "",
     }
     if info.get("calibration") is not None:
         d = info["default_metrics"]
@@ -87,6 +91,10 @@ def markdown(c: dict) -> str:
         + (f" Early exit heads with {c['exit_convs']} conv layers, exit weights {c['exit_weights']}."
            if c.get("exit_convs", 1) > 1 else ""),
         "",
+    ]
+    if c.get("adaptation"):
+        lines += [c["adaptation"], ""]
+    lines += [
         f"- Final-exit test accuracy: **{pct(c['final_exit_accuracy'])}**",
     ]
     fmt_t = lambda ts: "[" + ", ".join("off" if t is None else f"{t:.3g}" for t in ts) + "]"  # noqa: E731
@@ -128,6 +136,8 @@ RETRAIN = {
     "resnet110-7exit-cn": "scripts/train-zoo cn",
     "resnet110-7exit-cnc": "scripts/train-zoo cnc",
     "tiny-3exit-cn": "scripts/train-zoo tiny",
+    **{f"{b}-{e}-{v}": f"BACKBONE={b} scripts/train-zoo {v}"
+       for b, e in (("alexnet", "3exit"), ("inceptionv3", "7exit")) for v in ("base", "bn", "cn", "cnc")},
 }
 
 
