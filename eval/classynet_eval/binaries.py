@@ -155,12 +155,13 @@ def link_relay(bins: Bins, upstream: str, delay_ms: float, log: Path, ns: str | 
     return Service(cmd, bins.env(), log, f"link-relay to {upstream}")
 
 
-def edge_classify(bins: Bins, model: Path, partition: str, server: str, dataset: str, *, threads: int,
+def edge_classify(bins: Bins, model: Path, partition: str, server: str | None, dataset: str, *, threads: int,
                   concurrency: int, wire: str = "fp32", ns: str | None = None, timeout: float = 3600,
                   extra: list[str] | None = None) -> dict:
-    """`edge-agent classify --json`; `extra` are more arguments of the verb (e.g. --limit N)."""
+    """`edge-agent classify --json`; `extra` are more arguments of the verb (e.g. --limit N).
+    Without a server the partition must hold the whole model (every sample answered on the edge)."""
     cmd = ns_exec(ns) + [bins.path("edge-agent"), "--model", str(model), "--partition", partition,
-                         "--server", server, "--threads", str(threads), "--max-batch", "16",
+                         *(["--server", server] if server else []), "--threads", str(threads), "--max-batch", "16",
                          "--wire-dtype", wire, "--cloud-timeout-ms", "120000",
                          "classify", "--dataset", dataset, "--concurrency", str(concurrency), "--json",
                          *(extra or [])]

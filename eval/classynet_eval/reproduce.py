@@ -46,6 +46,12 @@ PAPER = {
     "accuracy": {"base": 90.21, "bn": 89.92, "cn": 89.34},
     "fig9": "BN at 10 %: about 2,500 ms (42 % of Baseline); CN about 4,800 ms (85 %); CN overtakes BN near 50 %; "
             "at 90 % CN is about 1,000 ms, 40 % of BN",
+    # Table IV's pruning columns: (accuracy %, time ms) per budget, and the reductions of section VI-B.
+    "pruning": {"sensitivity": {"470kB": (8.13, 352), "2.31MB": (25.57, 968), "5.54MB": (63.37, 1525),
+                                "28.5MB": (82.13, 4180), "112MB": (90.21, 13090)},
+                "hrank": {"470kB": (15.27, 378), "2.31MB": (28.71, 1084), "5.54MB": (66.16, 1754),
+                          "28.5MB": (85.34, 4812), "112MB": (90.21, 13090)},
+                "reduction": {"470kB": 99.59, "2.31MB": 97.94, "5.54MB": 95.05, "28.5MB": 74.55, "112MB": 0.0}},
     "table4_470k": {"bn_uniform": 59182, "bn_biased": 61283, "cn_biased": 16084, "cnc_uniform": 73919,
                     "cnc_biased": 8412},
 }
@@ -349,6 +355,48 @@ class Study:
                                       for b, p in picks.items()}
         return self.results["partitions"]
 
+    # 5, the pruning baselines ---------------------------------------------------------------
+    def pruned_model(self, method: str, budget: str) -> tuple[Path | None, str]:
+        """The zoo's `method` pruning of the base for `budget`, or the base itself where it fits
+        the budget by the paper's formula (the paper's 0 % reduction at 112 MB)."""
+        base = self.variants["base"].file
+        if plan(self.bins, base, budget, "paper")["chosen"] is not None:
+            return base, "the base fits: nothing pruned"
+        f = ZOO / f"resnet110-prune-{method}-{budget}.onnx"
+        if f.is_file():
+            return f, ""
+        return None, f"{f.relative_to(ROOT)} is missing: BUDGETS={budget} scripts/train-zoo prune-{method} makes it"
+
+    def pruning(self, prog: Progress) -> None:
+        """Table IV's Sensitivity and HRank columns: each pruned model run whole on the edge
+        (`edge-agent classify`, no cloud) on the uniform set the budget table uses."""
+        ds = self.dataset("net-uniform", 0.1, self.s.net_samples)
+        out = {}
+        for b in self.s.budgets:
+            out[b] = {}
+            for method in ("sensitivity", "hrank"):
+                f, note = self.pruned_model(method, b)
+                if f is None:
+                    out[b][method] = {"missing": note}
+                    say(f"pruning: {note}")
+                    continue
+                done = prog.step(f"pruning: {method} for {b} on the edge alone ({f.name})")
+                meta = json.loads(_meta(f))
+                formula = plan(self.bins, f, b, "paper")
+                r = edge_classify(self.bins, f, "E1", None, ds, threads=1, concurrency=16)
+                self.save(f"pruning-{method}-{b}", r)
+                pr = meta.get("training", {}).get("pruning") or {}
+                out[b][method] = {"file": str(f.relative_to(ROOT)), "note": note, "seconds": r["seconds"],
+                                  "accuracy": r["accuracy"], "samples": r["samples"],
+                                  "answered": r["answered"], "params": formula["partitions"][0]["params"],
+                                  "paper_formula_bytes": formula["partitions"][0]["paper_formula_bytes"],
+                                  "fits": formula["chosen"] is not None,
+                                  "base_params": pr.get("base_params"), "reduction": pr.get("reduction", 0.0),
+                                  "finetune_epochs": pr.get("finetune_epochs", 0),
+                                  "pruned_accuracy": pr.get("pruned_accuracy")}
+                done(f", accuracy {100 * r['accuracy']:.2f} %, {formula['partitions'][0]['params']:,} parameters")
+        self.results["pruning"] = out
+
     def network_jobs(self, links: list[str]) -> list[tuple]:
         jobs = []
         for link in links:
@@ -506,13 +554,16 @@ def _run(s: Settings, bins: Bins, out: Path, data_dir: Path, work: Path, links: 
     study.partitions()
     jobs = study.network_jobs(links)
     n_models = len(study.variants)
-    total = (n_models + 1 + 4) + 6 * n_models + len(s.shares) * n_models + len(jobs) + (0 if skip_net else 1)
+    n_pruned = sum(study.pruned_model(m, b)[0] is not None for b in s.budgets for m in ("sensitivity", "hrank"))
+    total = ((n_models + 1 + 4) + 6 * n_models + len(s.shares) * n_models + len(jobs) + (0 if skip_net else 1)
+             + n_pruned)
     prog = Progress(total)
     say(f"{'quick' if s.quick else 'full'} run: {total} steps, report in {out}")
     started = time.time()
     study.efficiency(prog)
     study.speedup(prog)
     study.composition_sweep(prog)
+    study.pruning(prog)
     study.network(prog, links, jobs)
     study.results["network"]["skipped"] = skip_net
     meta = {"settings": asdict(s), "machine": machine(), "commit": commit(), "seed": s.seed,

@@ -34,7 +34,7 @@ def test_report_has_every_part_and_real_plots(report):
     text = (out / "README.md").read_text()
     for part in ("## 1. Exit efficiency", "## 2. Priority-class speedup", "## 3. Latency versus composition",
                  "## 4. Accuracy", "## 5. Memory budgets", "Link check", "INT8 against FP32", "On loopback",
-                 "Adaptive split (beyond the paper)"):
+                 "Adaptive split (beyond the paper)", "Pruning baselines"):
         assert part in text, part
     assert "not run" not in text.lower()
     for png in ("exit-distribution", "speedup", "composition", "budgets"):
@@ -51,6 +51,21 @@ def test_every_run_is_kept_as_json(report):
     assert len([r for r in runs if "-auto-" in r]) == 32
     assert all(m["sha256"] and len(m["exit_macs"]) >= 1 for m in res["meta"]["models"].values())
     assert res["meta"]["commit"] and res["meta"]["machine"]["cores"]
+
+
+def test_pruning_baselines_fit_their_budget_and_run_on_the_edge_alone(report):
+    out, res = report
+    pr = res["pruning"]
+    for b in ("470kB", "112MB"):
+        for m in ("sensitivity", "hrank"):
+            r = pr[b][m]
+            assert "missing" not in r, r
+            # The paper's formula (params x 4 B x 16) holds, and no sample went to a cloud.
+            assert r["fits"] and r["paper_formula_bytes"] <= {"470kB": 470_000, "112MB": 112_000_000}[b]
+            assert r["answered"]["cloud"] == 0 and r["answered"]["edge"] == r["samples"] > 0
+            assert (out / "runs" / f"pruning-{m}-{b}.json").is_file()
+    assert pr["470kB"]["hrank"]["params"] <= 470_000 // 64 < pr["112MB"]["hrank"]["params"]
+    assert pr["112MB"]["sensitivity"]["reduction"] == 0 and pr["470kB"]["sensitivity"]["reduction"] > 0.99
 
 
 def test_link_check_matches_the_configured_link(report):

@@ -53,7 +53,12 @@ def write_card(onnx_path: Path, info: dict, base_card: Path | None = None) -> di
         d = info["default_metrics"]
         card["trained_threshold_results"] = {"early_exit_accuracy": d["early_exit_accuracy"],
                                              "exit_counts": d["exit_counts"]}
-    if cfg["mode"] == "base":
+    if info.get("pruning"):
+        pr = card["pruning"] = info["pruning"]
+        card["target"] = {"what": f"at most {pr['max_params']:,} parameters ({pr['budget']} by the paper's formula, "
+                                  f"{pr['formula']} with batch {pr['batch']})",
+                          "met": pr["params"] <= pr["max_params"], "params": pr["params"]}
+    elif cfg["mode"] == "base":
         card["target"] = {"what": f"final-exit accuracy >= {100 * BASE_TARGET:.0f} %",
                           "met": m["final_exit_accuracy"] >= BASE_TARGET,
                           "gap_points": round(100 * (m["final_exit_accuracy"] - BASE_TARGET), 2)}
@@ -70,6 +75,13 @@ def write_card(onnx_path: Path, info: dict, base_card: Path | None = None) -> di
 
 def recipe(c: dict) -> str:
     """How long and from what a card's model trained, in words."""
+    if c.get("pruning"):
+        p = c["pruning"]
+        text = f"`{p['base_run']}` pruned by {p['method']} to fit {p['budget']}"
+        if p.get("finetune_epochs"):
+            text += f", then {p['finetune_epochs']} epoch{'s' if p['finetune_epochs'] > 1 else ''} of fine-tuning " \
+                    f"at lr {p['finetune_lr']:g}"
+        return text
     if not c.get("init_from"):
         return f"{c['epochs']} epochs"
     text = f"{c['epochs']} epochs from `{c['init_from']}` with its backbone and classifier frozen"
@@ -108,10 +120,23 @@ def markdown(c: dict) -> str:
     elif c["mode"] != "base":
         lines.append(f"- Accuracy with early exits at the default thresholds {c['thresholds']}: "
                      f"**{pct(c['early_exit_accuracy'])}**")
+    if c.get("pruning"):
+        p = c["pruning"]
+        how = (f"tolerance {100 * p['sensitivity']['tolerance']:.2f} points of accuracy lost per group, from a "
+               f"sensitivity analysis on {p['sensitivity']['samples']} validation samples" if "sensitivity" in p
+               else f"{100 * p['hrank']['ratio']:.2f} % of every group's channels, lowest feature-map rank first "
+                    f"({p['hrank']['images']} validation images)" if "hrank" in p else "nothing removed")
+        lines.append(f"- Pruned by `{p['method']}` ({how}): **{p['params']:,} parameters**, "
+                     f"{100 * p['reduction']:.2f} % fewer than the base's {p['base_params']:,}; validation accuracy "
+                     f"{100 * p['pruned_accuracy']:.2f} % before fine-tuning")
+        if p.get("groups"):
+            kept = ", ".join(f"{n} {g['kept']}/{g['channels']}" for n, g in list(p["groups"].items())[:3])
+            lines.append(f"- Channels kept per group in `{c['model']}`'s card JSON (`pruning.groups`; the "
+                         f"residual streams: {kept})")
     if "target" in c:
         t = c["target"]
-        lines.append(f"- Target ({t['what']}): {'met' if t['met'] else 'missed'} "
-                     f"({t['gap_points']:+.2f} points)")
+        gap = f"{t['gap_points']:+.2f} points" if "gap_points" in t else f"{t['params']:,} parameters"
+        lines.append(f"- Target ({t['what']}): {'met' if t['met'] else 'missed'} ({gap})")
     if c.get("train_minutes") is not None:
         lines.append(f"- Training: {c['train_minutes']:.0f} min on {c['hardware']} ({c['precision']})")
     lines.append(f"- File: {c['bytes']:,} bytes, sha256 `{c['sha256'][:16]}…`; ONNX Runtime vs PyTorch max |Δ| "
@@ -138,10 +163,14 @@ RETRAIN = {
     "tiny-3exit-cn": "scripts/train-zoo tiny",
     **{f"{b}-{e}-{v}": f"BACKBONE={b} scripts/train-zoo {v}"
        for b, e in (("alexnet", "3exit"), ("inceptionv3", "7exit")) for v in ("base", "bn", "cn", "cnc")},
+    **{f"resnet110-prune-{m}-{b}": f"BUDGETS={b} scripts/train-zoo prune-{m}"
+       for m in ("sensitivity", "hrank") for b in ("470kB", "2.31MB", "5.54MB", "28.5MB")},
 }
 
 
 def short_recipe(c: dict) -> str:
+    if c.get("pruning"):
+        return f"pruned from base + {c['pruning'].get('finetune_epochs') or 0} fine-tuning epochs"
     if not c.get("init_from"):
         return f"{c['epochs']} epochs"
     return f"{c['epochs']} frozen + {c.get('finetune_epochs') or 0} fine-tuning epochs from base"
@@ -201,10 +230,11 @@ def zoo_readme(zoo: Path) -> str:
         name = c["model"].removesuffix(".onnx")
         early = sum(c["exit_counts"][:-1])
         t = c.get("target")
-        target = "-" if t is None else f"{'met' if t['met'] else 'missed'} ({t['gap_points']:+.2f} pts)"
+        gap = "-" if t is None else f"{t['gap_points']:+.2f} pts" if "gap_points" in t else f"{t['params']:,} params"
+        target = "-" if t is None else f"{'met' if t['met'] else 'missed'} ({gap})"
         minutes = c.get("train_minutes")
         lines.append(
-            f"| [{name}]({name}.card.md) | `{c['mode']}` | {100 * c['final_exit_accuracy']:.2f} % | "
+            f"| [{name}]({name}.card.md) | `{'pruned: ' + c['pruning']['method'] if c.get('pruning') else c['mode']}` | {100 * c['final_exit_accuracy']:.2f} % | "
             + ("-" if c["mode"] == "base" else f"{100 * c['early_exit_accuracy']:.2f} %")
             + f" | {early} / {c['samples'] if 'samples' in c else sum(c['exit_counts'])} | {target} | "
             + (f"{minutes:.0f} min, " if minutes is not None else "") + short_recipe(c)
@@ -213,7 +243,8 @@ def zoo_readme(zoo: Path) -> str:
     lines += [
         "",
         "Targets: `base` reaches at least 90 % final-exit accuracy; `bn`, `cn` and `cn+c`, with early exits at",
-        "the model's thresholds, stay within 1.0 point of `base`. A missed target is shown with its gap.",
+        "the model's thresholds, stay within 1.0 point of `base`; a pruned model has no more parameters than its",
+        "budget allows by the paper's formula (bytes / (4 B x batch 16)). A missed target is shown with its gap.",
         "",
         "`scripts/train-zoo NAME` trains (or resumes), exports, calibrates, verifies the export against",
         "PyTorch and writes the card (`RECIPE=scratch|base` and the budget variables: see the script). The",

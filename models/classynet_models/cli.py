@@ -1,4 +1,4 @@
-"""Command line: ``classynet-train train | export | evaluate``."""
+"""Command line: ``classynet-train train | prune | export | evaluate``."""
 from __future__ import annotations
 
 import argparse
@@ -78,6 +78,26 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, log, config)")
     t.add_argument("--no-progress", action="store_true")
 
+    r = sub.add_parser("prune", help="prune a finished base run to a memory budget (the paper's baselines), "
+                       "fine-tune it, and write a run folder that export takes")
+    r.add_argument("--from", dest="base_run", type=Path, required=True, metavar="RUN",
+                   help="the finished base run (one exit), e.g. models/runs/v2/resnet110-7exit-base")
+    r.add_argument("--method", choices=["sensitivity", "hrank"], required=True,
+                   help="sensitivity: per-layer sensitivity analysis, L1-smallest filters first; hrank: lowest "
+                        "average feature-map rank first, the same share of every layer")
+    r.add_argument("--budget", required=True,
+                   help="edge memory budget, e.g. 470kB or 2.31MB: the model keeps at most budget / (4 B x --batch) "
+                        "parameters (the paper's formula)")
+    r.add_argument("--batch", type=int, default=16, help="batch of the paper's formula (default 16)")
+    r.add_argument("--finetune-epochs", type=int, default=1, help="epochs of fine-tuning after pruning (default 1)")
+    r.add_argument("--finetune-lr", type=float, default=1e-3, help="Adam learning rate, cosine decay (default 0.001)")
+    r.add_argument("--analysis-samples", type=int, default=1000,
+                   help="validation samples of the sensitivity analysis (cached in the base run) and of the "
+                        "accuracy printed before fine-tuning; HRank ranks feature maps on the first 256")
+    r.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    r.add_argument("--out", type=Path, required=True, help="run folder to write")
+    r.add_argument("--no-progress", action="store_true")
+
     e = sub.add_parser("export", help="export a trained run to ONNX (verified against PyTorch)")
     e.add_argument("--run", type=Path, required=True, help="run folder written by train")
     e.add_argument("--out", type=Path, required=True, help="ONNX file to write")
@@ -112,6 +132,16 @@ def main(argv: list[str] | None = None) -> int:
             if summary.get("finished"):
                 print(f"done: {args.out} ({summary['train_minutes']:.1f} min); export with "
                       f"classynet-train export --run {args.out} --out MODEL.onnx")
+        elif args.verb == "prune":
+            from .prune import PruneSettings, prune_run
+
+            if args.threads:
+                torch.set_num_threads(args.threads)
+            s = PruneSettings(args.method, args.budget, args.batch, args.finetune_epochs, args.finetune_lr,
+                              args.analysis_samples)
+            info = prune_run(args.base_run, s, args.out, progress=not args.no_progress)
+            print(f"done: {args.out} ({info['params']:,} parameters); export with "
+                  f"classynet-train export --run {args.out} --out MODEL.onnx")
         elif args.verb == "export":
             from .export import export_run
 

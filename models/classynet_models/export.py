@@ -138,6 +138,9 @@ def export_run(run: Path, out: Path, name: str | None = None, data_dir: Path | N
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     extra = {"metrics": _card_metrics(default_metrics),
              "train_minutes": summary.get("train_minutes"), "hardware": summary.get("hardware")}
+    if ck.get("pruning"):
+        # Which channels each group kept stays in the run (pruning.json) and on the card.
+        extra["pruning"] = {k: v for k, v in ck["pruning"].items() if k != "groups"}
     meta = metadata(name or out.stem, cfg, classes, ds.classes, list(ds.train.x.shape[1:]), ds.mean, ds.std, extra)
     info = export_model(model, meta, ds.test.x, out)
     thresholds: list[float | None] = list(cfg.thresholds)
@@ -168,6 +171,7 @@ def export_run(run: Path, out: Path, name: str | None = None, data_dir: Path | N
     info["calibration"] = calibration
     info["config"] = asdict(cfg)
     info["summary"] = summary
+    info["pruning"] = ck.get("pruning")
     return info
 
 

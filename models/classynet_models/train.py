@@ -345,7 +345,12 @@ def record_validation(ds: datasets.Dataset, cfg: TrainConfig, out: Path) -> None
 def _restore(cfg: TrainConfig, ck: dict, data_dir: Path | None = None):
     ds = load_split(cfg, data_dir)
     classes = cfg.validate(len(ds.classes))
-    model = build_model(cfg, classes, ds.train.x.shape[1])
+    if ck.get("pruning"):
+        # A pruned run (classynet_models.prune) keeps its whole module: its layer widths are no
+        # longer the backbone's.
+        model = ck["module"]
+    else:
+        model = build_model(cfg, classes, ds.train.x.shape[1])
     model.load_state_dict(ck["model"])
     model.eval()
     return model, classes, ds
