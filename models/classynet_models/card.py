@@ -79,7 +79,7 @@ def recipe(c: dict) -> str:
         p = c["pruning"]
         text = f"`{p['base_run']}` pruned by {p['method']} to fit {p['budget']}"
         if p.get("finetune_epochs"):
-            text += f", then {p['finetune_epochs']} epoch{'s' if p['finetune_epochs'] > 1 else ''} of fine-tuning " \
+            text += f", then {p['finetune_epochs']:g} epoch{'s' if p['finetune_epochs'] > 1 else ''} of fine-tuning " \
                     f"at lr {p['finetune_lr']:g}"
         return text
     if not c.get("init_from"):
@@ -93,10 +93,12 @@ def recipe(c: dict) -> str:
 
 def markdown(c: dict) -> str:
     pct = lambda v: f"{100 * v:.2f} %"  # noqa: E731
+    head = (f"{c['backbone']} (no early exits), {recipe(c)} (Adam, cosine schedule, batch 128), on {c['dataset']}."
+            if c.get("pruning") else None)
     lines = [
         f"# {c['model']}",
         "",
-        f"{c['backbone']} {c['exits'] if c['mode'] != 'base' else '(no early exits)'}, mode `{c['mode']}`"
+        head or f"{c['backbone']} {c['exits'] if c['mode'] != 'base' else '(no early exits)'}, mode `{c['mode']}`"
         + (f", scheme `{c['scheme']}`" if c["mode"] in ("cn", "cn+c", "cs") else "")
         + f", trained on {c['dataset']} for {recipe(c)} (seed {c['seed']}, batch {c['batch_size']}, "
           f"Adam lr {c['lr']}, {c['schedule']} schedule)."
@@ -170,7 +172,7 @@ RETRAIN = {
 
 def short_recipe(c: dict) -> str:
     if c.get("pruning"):
-        return f"pruned from base + {c['pruning'].get('finetune_epochs') or 0} fine-tuning epochs"
+        return f"pruned from base + {c['pruning'].get('finetune_epochs') or 0:g} fine-tuning epochs"
     if not c.get("init_from"):
         return f"{c['epochs']} epochs"
     return f"{c['epochs']} frozen + {c.get('finetune_epochs') or 0} fine-tuning epochs from base"

@@ -89,9 +89,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="edge memory budget, e.g. 470kB or 2.31MB: the model keeps at most budget / (4 B x --batch) "
                         "parameters (the paper's formula)")
     r.add_argument("--batch", type=int, default=16, help="batch of the paper's formula (default 16)")
-    r.add_argument("--finetune-epochs", type=int, default=1, help="epochs of fine-tuning after pruning (default 1)")
+    r.add_argument("--finetune-epochs", type=float, default=1,
+                   help="epochs of fine-tuning after pruning (default 1; a fraction trains on that share of the "
+                        "training split)")
     r.add_argument("--finetune-lr", type=float, default=1e-3, help="Adam learning rate, cosine decay (default 0.001)")
-    r.add_argument("--analysis-samples", type=int, default=1000,
+    r.add_argument("--analysis-samples", type=int, default=250,
                    help="validation samples of the sensitivity analysis (cached in the base run) and of the "
                         "accuracy printed before fine-tuning; HRank ranks feature maps on the first 256")
     r.add_argument("--threads", type=int, help="torch threads (default: all cores)")
