@@ -126,15 +126,15 @@ def markdown(c: dict) -> str:
         p = c["pruning"]
         how = (f"tolerance {100 * p['sensitivity']['tolerance']:.2f} points of accuracy lost per group, from a "
                f"sensitivity analysis on {p['sensitivity']['samples']} validation samples" if "sensitivity" in p
-               else f"{100 * p['hrank']['ratio']:.2f} % of every group's channels, lowest feature-map rank first "
-                    f"({p['hrank']['images']} validation images)" if "hrank" in p else "nothing removed")
+               else f"{100 * p['hrank']['ratio']:.2f} % of every group's channels, those with the lowest average "
+                    f"feature-map rank on {p['hrank']['images']} validation images" if "hrank" in p else "nothing removed")
         lines.append(f"- Pruned by `{p['method']}` ({how}): **{p['params']:,} parameters**, "
                      f"{100 * p['reduction']:.2f} % fewer than the base's {p['base_params']:,}; validation accuracy "
                      f"{100 * p['pruned_accuracy']:.2f} % before fine-tuning")
         if p.get("groups"):
-            kept = ", ".join(f"{n} {g['kept']}/{g['channels']}" for n, g in list(p["groups"].items())[:3])
-            lines.append(f"- Channels kept per group in `{c['model']}`'s card JSON (`pruning.groups`; the "
-                         f"residual streams: {kept})")
+            kept = ", ".join(f"{n} {g['kept']} of {g['channels']}" for n, g in list(p["groups"].items())[:3])
+            lines.append(f"- Channels kept: every group's in the card's JSON (`pruning.groups`); the residual "
+                         f"streams, named by a module writing them: {kept}")
     if "target" in c:
         t = c["target"]
         gap = f"{t['gap_points']:+.2f} points" if "gap_points" in t else f"{t['params']:,} parameters"
