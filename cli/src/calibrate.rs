@@ -45,8 +45,15 @@ pub struct CalibrateArgs {
     /// the samples leaving as it are right at least P of the time). Precision target only.
     #[arg(long)]
     pub classes_only: bool,
-    /// Fewest eligible samples an exit (with --classes-only: a class at an exit) needs before
-    /// it is changed; below it, it keeps its threshold and the report says so.
+    /// Class-specific early exits (CS-EE): give every class at every exit a threshold of its
+    /// own, the largest at which the samples leaving there as that class are right at least P
+    /// of the time; a class no threshold serves does not leave at that exit. Precision target
+    /// only.
+    #[arg(long)]
+    pub per_class: bool,
+    /// Fewest eligible samples an exit (with --classes-only or --per-class: a class at an exit)
+    /// needs before it is changed; below it, it keeps its threshold (with --per-class: the class
+    /// does not leave there) and the report says so.
     #[arg(long, default_value_t = 30, value_name = "N")]
     pub min_support: usize,
     /// Precision target only: hold it with this confidence (e.g. 0.95), from a Clopper-Pearson
@@ -63,7 +70,13 @@ pub struct CalibrateArgs {
 
 pub fn run(a: &CalibrateArgs, engine: Arc<dyn Engine>) -> Result<()> {
     let target: Target = a.target.parse()?;
-    let opts = Options { target, min_support: a.min_support, confidence: a.confidence, classes_only: a.classes_only };
+    let opts = Options {
+        target,
+        min_support: a.min_support,
+        confidence: a.confidence,
+        classes_only: a.classes_only,
+        per_class: a.per_class,
+    };
     opts.check()?;
     let m = a.model.load()?;
     if !m.starts_at_input() || m.present.end != m.num_exits() {
@@ -167,6 +180,8 @@ fn print_report(cal: &Calibration, m: &Model, data: &str, out: Option<&Path>) {
         let last = i + 1 == cal.exits.len();
         let th = if last {
             "last".to_string()
+        } else if e.class_thresholds.iter().any(Option::is_some) {
+            format!("per class ({})", fmt_threshold(e.before))
         } else {
             format!("{} ({})", fmt_threshold(e.threshold), fmt_threshold(e.before))
         };
@@ -182,6 +197,24 @@ fn print_report(cal: &Calibration, m: &Model, data: &str, out: Option<&Path>) {
             prec,
             e.note.as_deref().unwrap_or("")
         );
+    }
+    if cal.exits.iter().any(|e| e.class_thresholds.iter().any(Option::is_some)) {
+        println!("thresholds per class (nats; - : the class does not leave there):");
+        print!("{:<20}", "class");
+        for e in &cal.exits[..cal.exits.len() - 1] {
+            print!("{:>9}", e.name);
+        }
+        println!();
+        for c in 0..m.meta.num_classes() {
+            print!("{:<20}", truncate(&m.meta.class_label(c), 20));
+            for e in &cal.exits[..cal.exits.len() - 1] {
+                match e.class_thresholds[c].filter(|_| e.allowed[c]) {
+                    Some(t) => print!("{t:>9.4}"),
+                    None => print!("{:>9}", "-"),
+                }
+            }
+            println!();
+        }
     }
     println!(
         "accuracy with early exits {:.2}% (last exit alone {:.2}%)",
@@ -240,9 +273,14 @@ fn report_json(
         "macs_per_sample": cal.macs_per_sample,
         "whole_model_macs": cal.final_macs,
         "macs_counted": cal.macs_counted,
-        "exits": cal.exits.iter().map(|e| json!({
+        "exits": cal.exits.iter().enumerate().map(|(i, e)| json!({
             "name": e.name, "threshold": e.threshold.map(decimal), "before": e.before.map(decimal),
             "classes": e.allowed.iter().enumerate().filter(|(_, a)| **a).map(|(c, _)| c).collect::<Vec<_>>(),
+            "class_thresholds": e.class_thresholds.iter().enumerate()
+                .filter_map(|(c, t)| t.map(|t| (c.to_string(), json!(decimal(t)))))
+                .collect::<serde_json::Map<_, _>>(),
+            "enabled": i + 1 == cal.exits.len()
+                || e.allowed.iter().enumerate().any(|(c, &a)| a && e.class_thresholds[c].or(e.threshold).is_some()),
             "reaching": e.reaching, "eligible": e.eligible, "count": e.exited, "correct": e.correct,
             "note": e.note,
         })).collect::<Vec<_>>(),
@@ -344,7 +382,7 @@ pub fn run_assign(a: &AssignArgs, engine: Arc<dyn Engine>) -> Result<()> {
                 Error::Parse(format!("--prior `{}`: expected uniform or {k} comma-separated shares", a.prior))
             })?
     };
-    let opts = Options { target, min_support: a.min_support, confidence: None, classes_only: false };
+    let opts = Options { target, min_support: a.min_support, confidence: None, ..Options::default() };
     // Scored with every class allowed at every exit: gating is what the search chooses.
     let open = classynet_runtime::exit::Policy::defaults(&m.meta);
     let start = Instant::now();

@@ -288,6 +288,27 @@ fn calibrate_writes_a_policy_that_run_serves_with_the_predicted_exit_counts() {
         assert_eq!(run["accuracy"], cal["accuracy"]);
         assert_eq!(run["policy_version"], 4, "{run}");
     }
+    // --per-class (CS-EE): thresholds per class in the policy, served as calibrated.
+    let out = dir.path().join("per-class.toml").display().to_string();
+    let tiny = ["--model", &data("tiny3.onnx"), "--dataset", &tiny_dataset()];
+    let cal: Value = serde_json::from_str(&ok(&[
+        &["calibrate"][..],
+        &tiny,
+        &["--target", "precision=0.5", "--per-class", "--min-support", "1", "--out", &out, "--json"],
+    ]
+    .concat()))
+    .unwrap();
+    let predicted = counts(&cal);
+    assert!(predicted[0] + predicted[1] > 0, "some samples leave early: {cal}");
+    let written = std::fs::read_to_string(&out).unwrap();
+    assert!(written.contains("class_thresholds"), "{written}");
+    let early = &cal["exits"].as_array().unwrap()[..2];
+    assert!(early.iter().all(|e| e["threshold"].is_null()), "only class thresholds: {cal}");
+    assert!(early.iter().any(|e| !e["class_thresholds"].as_object().unwrap().is_empty()), "{cal}");
+    let run: Value = serde_json::from_str(&ok(&[&["run"][..], &tiny, &["--policy", &out, "--json"]].concat())).unwrap();
+    assert_eq!(counts(&run), predicted, "run serves what calibrate --per-class predicted");
+    let e = fails(&[&["calibrate"][..], &tiny, &["--target", "accuracy-drop=1", "--per-class"]].concat());
+    assert!(e.contains("--per-class goes with a precision target"), "{e}");
     // --samples takes the trainer's validation.json; an index past the data is refused.
     let samples = dir.path().join("validation.json");
     std::fs::write(&samples, r#"{"indices": [0, 2, 4]}"#).unwrap();

@@ -74,12 +74,16 @@ def classynet_run(bins: Bins, model: Path, dataset: str, batch: int, threads: in
 
 
 def classynet_calibrate(bins: Bins, model: Path, dataset: str, samples: Path, target: str, out: Path,
-                        policy: Path | None = None, data_dir: Path | None = None, timeout: float = 3600) -> dict:
-    """`classynet calibrate` on `samples` of `dataset`, writing the policy to `out`; its JSON report."""
+                        policy: Path | None = None, data_dir: Path | None = None, timeout: float = 3600,
+                        per_class: bool = False) -> dict:
+    """`classynet calibrate` on `samples` of `dataset`, writing the policy to `out`; its JSON report.
+    `per_class`: a threshold per class at every exit (CS-EE)."""
     cmd = [bins.path("classynet"), "calibrate", "--model", str(model), "--dataset", dataset, "--samples",
            str(samples), "--target", target, "--batch", "64", "--out", str(out), "--json"]
     if policy:
         cmd += ["--policy", str(policy)]
+    if per_class:
+        cmd += ["--per-class"]
     if data_dir:
         cmd += ["--data-dir", str(data_dir)]
     out.parent.mkdir(parents=True, exist_ok=True)

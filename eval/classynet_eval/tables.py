@@ -47,7 +47,7 @@ def times(x: float | None, digits: int = 2) -> str | None:
 
 
 def partition_of(budget: dict, model: str) -> str:
-    """The partition `model` runs at one budget of results["partitions"] (BN + gating is BN's
-    file; results from before `by_model` have one partition for all)."""
-    k = "bn" if model == "bn+gate" else model
+    """The partition `model` runs at one budget of results["partitions"] (BN + gating and CS-EE
+    are BN's file; results from before `by_model` have one partition for all)."""
+    k = "bn" if model in ("bn+gate", "cs-ee") else model
     return budget.get("by_model", {}).get(k, {}).get("partition", budget["partition"])

@@ -40,9 +40,11 @@ def test_models_are_calibrated_on_the_split_and_served_with_their_policy(tmp_pat
     st = study(tmp_path, monkeypatch, validation, trained_with_split=True)
     info = st.calibrate()
     assert "skipped" not in info and info["target"] == "precision=0.99"
-    assert set(info["models"]) == {"bn", "bn+gate", "cn", "cn+c"}
+    assert set(info["models"]) == {"bn", "bn+gate", "cs-ee", "cn", "cn+c"}
     for key, got in info["models"].items():
         v = st.variants[key]
+        if key == "cs-ee":
+            continue
         assert v.policy == tmp_path / "out" / "policies" / f"{key}-calibrated.toml" and v.policy.is_file()
         assert got["samples"] == 300 and len(got["thresholds"]) == 6
         assert len(st.costs[key]) == 7
@@ -52,6 +54,29 @@ def test_models_are_calibrated_on_the_split_and_served_with_their_policy(tmp_pat
     npz = reproduce.write_npz(tmp_path / "val.npz", *train_images(), list(range(0, 6000, 20)))
     r = classynet_run(st.bins, st.variants["cn+c"].file, f"npz:{npz}", 16, 1, st.variants["cn+c"].policy)
     assert [e["count"] for e in r["exits"]] == info["models"]["cn+c"]["exit_counts"]
+
+
+def test_cs_ee_has_one_policy_per_priority_class_and_answers_only_that_class_early(tmp_path, monkeypatch):
+    validation = tmp_path / "validation.json"
+    validation.write_text(json.dumps({"indices": list(range(0, 12000, 20))}))  # 600 training images
+    st = study(tmp_path, monkeypatch, validation, trained_with_split=True)
+    info = st.calibrate()["models"]["cs-ee"]
+    assert set(info["per_class"]) == {str(c) for c in st.assignment}
+    assert st.variants["cs-ee"].policy == st.cs_ee[st.target]
+    npz = reproduce.write_npz(tmp_path / "val.npz", *train_images(), list(range(0, 12000, 20)))
+    for c, policy in st.cs_ee.items():
+        text = policy.read_text()
+        assert "class_thresholds" in text or "disabled = true" in text, text
+        assert len(st.costs[f"cs-ee:{c}"]) == 7
+        # Served with its policy, every early answer is the targeted class, and the exits answer
+        # on the calibration images as many as calibration counted.
+        r = classynet_run(st.bins, st.variants["cs-ee"].file, f"npz:{npz}", 16, 1, policy)
+        assert [e["count"] for e in r["exits"]] == info["per_class"][str(c)]["exit_counts"]
+        for e in r["exits"][:-1]:
+            predicted = [sum(col) for col in zip(*e["confusion"])]
+            assert all(n == 0 for k, n in enumerate(predicted) if k != c), (c, e["name"], predicted)
+    # The exit-1 class leaves early at all (the BN model's exits are sure of Trouser-like classes).
+    assert sum(info["exit_counts"][:-1]) > 0, info
 
 
 def train_images():
@@ -70,6 +95,8 @@ def test_without_the_split_the_typed_thresholds_stay_and_the_report_says_why(tmp
     info = st.calibrate()
     assert "predates the validation split" in info["skipped"]
     assert all(v.policy is None or v.key == "bn+gate" for v in st.variants.values())
+    # CS-EE's thresholds are measured per class: without the split it is not run, and says why.
+    assert "cs-ee" not in st.variants and "validation split" in info["models"]["cs-ee"]["skipped"]
     validation = tmp_path / "validation.json"
     validation.write_text("[0, 1, 2]")
     st = study(tmp_path, monkeypatch, validation, trained_with_split=False)

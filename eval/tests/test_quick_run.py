@@ -46,9 +46,10 @@ def test_report_has_every_part_and_real_plots(report):
 def test_every_run_is_kept_as_json(report):
     out, res = report
     runs = {p.stem: json.loads(p.read_text()) for p in (out / "runs").glob("*.json")}
-    # Static: 32 on the shaped link (FP32 and INT8), 16 on loopback; adaptive: 16 on each.
-    assert len([r for r in runs if r.startswith("net-")]) == len(res["network"]["runs"]) == 80
-    assert len([r for r in runs if "-auto-" in r]) == 32
+    # Five models (BN, BN + gating, CS-EE, CN, CN+C) at two budgets, two sets. Static: 40 on the
+    # shaped link (FP32 and INT8), 20 on loopback; adaptive: 20 on each.
+    assert len([r for r in runs if r.startswith("net-")]) == len(res["network"]["runs"]) == 100
+    assert len([r for r in runs if "-auto-" in r]) == 40
     assert all(m["sha256"] and len(m["exit_macs"]) >= 1 for m in res["meta"]["models"].values())
     assert res["meta"]["commit"] and res["meta"]["machine"]["cores"]
 
@@ -99,5 +100,19 @@ def test_split_answers_do_not_depend_on_the_link(report):
             static = runs[name.replace("-auto-", "-")]
             assert r["accuracy"] == static["accuracy"], name
             assert sum(r["forwards_by_cut"].values()) >= 1, name
-    # The policy of BN + gating reached the edge before the run (version 1 of the gating policy).
-    assert all(r["policy_version"] == 1 for n, r in runs.items() if "-bn+gate-" in n)
+    # The policies of BN + gating and CS-EE reached the edge before the run (version 1).
+    assert all(r["policy_version"] == 1 for n, r in runs.items() if "-bn+gate-" in n or "-cs-ee-" in n)
+
+
+def test_cs_ee_answers_only_its_targeted_class_early_and_is_in_the_tables(report):
+    out, res = report
+    target = res["meta"]["assignment"][0]
+    for e in res["efficiency"]["cs-ee"]["exits"][:-1]:
+        predicted = [sum(col) for col in zip(*e["confusion"])]
+        assert all(n == 0 for k, n in enumerate(predicted) if k != target), (e["name"], predicted)
+    # In part 2 each priority class ran through the CS-EE policy that targets it.
+    for row in res["speedup"].values():
+        m = row["models"]["cs-ee"]
+        assert m["samples"] > 0 and m["mean_macs"] > 0
+    text = (out / "README.md").read_text()
+    assert "| CS-EE | 5.77× |" in text and "CN+C is faster for the priority class than CS-EE" in text

@@ -172,7 +172,8 @@ RETRAIN = {
 
 def short_recipe(c: dict) -> str:
     if c.get("pruning"):
-        return f"pruned from base + {c['pruning'].get('finetune_epochs') or 0:g} fine-tuning epochs"
+        n = c["pruning"].get("finetune_epochs") or 0
+        return f"pruned from base + {n:g} fine-tuning epoch{'' if n == 1 else 's'}"
     if not c.get("init_from"):
         return f"{c['epochs']} epochs"
     return f"{c['epochs']} frozen + {c.get('finetune_epochs') or 0} fine-tuning epochs from base"

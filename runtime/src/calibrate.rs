@@ -19,6 +19,11 @@
 //!   target of the sweep with the same drop.
 //! * **`--classes-only`** keeps the thresholds and chooses which classes each exit may answer:
 //!   a class stays when the samples leaving as that class are correct at least `p` of the time.
+//! * **`--per-class`** (class-specific early exits, CS-EE): exit by exit, every allowed class
+//!   gets a threshold of its own, the largest at which the samples leaving *as that class* are
+//!   correct at least `p` of the time; a class that no threshold serves, or that too few samples
+//!   reach as top class, may not leave there. So an exit answers exactly the classes it is good
+//!   at, each as early as its own precision allows.
 //!
 //! An exit with fewer than `min_support` eligible samples keeps its threshold and says so. A
 //! threshold falls strictly between two observed entropies, so the rule (`entropy < T`)
@@ -81,6 +86,8 @@ pub struct Options {
     pub confidence: Option<f64>,
     /// Choose the classes each exit answers instead of its threshold (precision target only).
     pub classes_only: bool,
+    /// Give every class at every exit a threshold of its own (precision target only).
+    pub per_class: bool,
 }
 
 impl Options {
@@ -97,13 +104,29 @@ impl Options {
         if self.classes_only && !matches!(self.target, Target::Precision(_)) {
             return Err(Error::Parse("--classes-only goes with a precision target".into()));
         }
+        if self.per_class && !matches!(self.target, Target::Precision(_)) {
+            return Err(Error::Parse(
+                "--per-class goes with a precision target (each class is held to it at each exit)".into(),
+            ));
+        }
+        if self.per_class && self.classes_only {
+            return Err(Error::Parse(
+                "--per-class and --classes-only exclude each other: --per-class chooses thresholds and classes".into(),
+            ));
+        }
         Ok(())
     }
 }
 
 impl Default for Options {
     fn default() -> Options {
-        Options { target: Target::Precision(0.99), min_support: 30, confidence: None, classes_only: false }
+        Options {
+            target: Target::Precision(0.99),
+            min_support: 30,
+            confidence: None,
+            classes_only: false,
+            per_class: false,
+        }
     }
 }
 
@@ -165,11 +188,19 @@ impl Scores {
     }
 }
 
-/// One exit's rule during calibration: a threshold (`None`: disabled) and the classes allowed.
+/// One exit's rule during calibration: a threshold (`None`: disabled), the classes allowed,
+/// and per class a threshold of its own (`--per-class`; else all `None`).
 #[derive(Debug, Clone, PartialEq)]
 struct Rule {
     threshold: Option<f32>,
     allowed: Vec<bool>,
+    class_thresholds: Vec<Option<f32>>,
+}
+
+impl Rule {
+    fn threshold_of(&self, c: u32) -> Option<f32> {
+        self.class_thresholds[c as usize].or(self.threshold)
+    }
 }
 
 /// The outcome for one exit.
@@ -180,6 +211,8 @@ pub struct ExitResult {
     pub before: Option<f32>,
     /// The threshold chosen; `None` for a disabled exit and for the last exit.
     pub threshold: Option<f32>,
+    /// Per class id, the class's own threshold (`--per-class`); all `None` otherwise.
+    pub class_thresholds: Vec<Option<f32>>,
     /// Per class id: may this exit answer it.
     pub allowed: Vec<bool>,
     /// Samples that reach the exit, that may leave there (finite, top class allowed), that
@@ -213,7 +246,8 @@ pub struct Calibration {
 /// Calibrates `base` (the model's policy, or one given to start from) on `scores`. `macs` are
 /// the MACs per sample of each segment ([`crate::planner::segment_macs`]). Exits marked in
 /// `fixed` (those a starting policy file disables) stay as they are; every other early exit is
-/// calibrated, one without a threshold (a plain model's) included.
+/// calibrated, one without a threshold (a plain model's) included. Class thresholds of a
+/// starting policy are replaced like its exit thresholds.
 pub fn calibrate(
     meta: &ModelMeta,
     base: &Policy,
@@ -235,25 +269,29 @@ pub fn calibrate(
     if let Some(&bad) = scores.labels.iter().find(|&&y| y as usize >= k) {
         return Err(Error::Parse(format!("label {bad} is not a class of this model (it has {k})")));
     }
-    let mut rules: Vec<Rule> =
-        base.rules.iter().map(|r| Rule { threshold: r.threshold, allowed: r.allowed.clone() }).collect();
+    let mut rules: Vec<Rule> = base
+        .rules
+        .iter()
+        .map(|r| Rule { threshold: r.threshold, allowed: r.allowed.clone(), class_thresholds: vec![None; k] })
+        .collect();
     let fixed: Vec<bool> = (0..m).map(|e| fixed.get(e).copied().unwrap_or(false)).collect();
     let mut notes: Vec<Option<String>> = vec![None; m];
     for e in (0..m).filter(|&e| fixed[e]) {
         notes[e] = Some("disabled in the starting policy; left so".into());
     }
-    match (opts.target, opts.classes_only) {
-        (Target::Precision(p), false) => precision(scores, &mut rules, &fixed, &mut notes, p, opts),
-        (Target::Precision(p), true) => classes_only(scores, &mut rules, &fixed, &mut notes, p, opts),
-        (Target::AccuracyDrop(d), _) => accuracy_drop(scores, &mut rules, &fixed, &mut notes, d, macs, opts),
+    match (opts.target, opts.classes_only, opts.per_class) {
+        (Target::Precision(p), _, true) => per_class(scores, &mut rules, &fixed, &mut notes, p, opts),
+        (Target::Precision(p), false, false) => precision(scores, &mut rules, &fixed, &mut notes, p, opts),
+        (Target::Precision(p), true, false) => classes_only(scores, &mut rules, &fixed, &mut notes, p, opts),
+        (Target::AccuracyDrop(d), ..) => accuracy_drop(scores, &mut rules, &fixed, &mut notes, d, macs, opts),
     }
     Ok(summarise(meta, base, scores, &rules, notes, macs, opts.target))
 }
 
 /// Does sample `i` leave at early exit `e` under `rule`?
 fn leaves(scores: &Scores, e: usize, i: usize, rule: &Rule) -> bool {
-    match (scores.exits[e][i], rule.threshold) {
-        (Some((h, Some(c))), Some(t)) => h < t && rule.allowed[c as usize],
+    match scores.exits[e][i] {
+        Some((h, Some(c))) => rule.allowed[c as usize] && rule.threshold_of(c).is_some_and(|t| h < t),
         _ => false,
     }
 }
@@ -455,6 +493,62 @@ fn classes_only(
     });
 }
 
+fn per_class(
+    scores: &Scores,
+    rules: &mut [Rule],
+    fixed: &[bool],
+    notes: &mut [Option<String>],
+    p: f64,
+    opts: &Options,
+) {
+    let n = scores.len();
+    exit_by_exit(scores, rules, fixed, notes, |e, present, rule, note| {
+        let k = rule.allowed.len();
+        // Per class: the samples still present whose top class it is, by entropy.
+        let mut cands: Vec<Vec<(f32, bool)>> = vec![Vec::new(); k];
+        for i in (0..n).filter(|&i| present[i]) {
+            if let Some((h, Some(c))) = scores.exits[e][i] {
+                cands[c as usize].push((h, c == scores.labels[i]));
+            }
+        }
+        let (mut few, mut missed) = (Vec::new(), Vec::new());
+        rule.threshold = None; // only the classes with a threshold of their own leave
+        for (c, cs) in cands.iter_mut().enumerate() {
+            rule.class_thresholds[c] = None;
+            if !rule.allowed[c] {
+                continue;
+            }
+            if cs.len() < opts.min_support {
+                few.push(c);
+                rule.allowed[c] = false;
+                continue;
+            }
+            cs.sort_by(|a, b| a.0.total_cmp(&b.0));
+            match largest_precise(cs, p, opts.confidence) {
+                Some(j) => rule.class_thresholds[c] = Some(threshold_for(cs, j)),
+                None => {
+                    missed.push(c);
+                    rule.allowed[c] = false;
+                }
+            }
+        }
+        let mut parts = Vec::new();
+        if !missed.is_empty() {
+            parts.push(format!("classes {missed:?} reach the target at no threshold"));
+        }
+        if !few.is_empty() {
+            parts.push(format!(
+                "classes {few:?} are the top class of fewer than --min-support {} samples",
+                opts.min_support
+            ));
+        }
+        if !parts.is_empty() {
+            let none = !rule.allowed.iter().any(|&a| a);
+            *note = Some(format!("{}: {}", parts.join("; "), if none { "disabled" } else { "they do not leave here" }));
+        }
+    });
+}
+
 /// Candidate thresholds of early exit `e`: up to `LEVELS` quantiles of the entropies of the
 /// samples whose top class may leave there, each placed just above its entropy.
 const LEVELS: usize = 48;
@@ -623,6 +717,7 @@ fn summarise(
             name: b.name.clone(),
             before: b.threshold,
             threshold: if b.last { None } else { r.threshold },
+            class_thresholds: if b.last { vec![None; k] } else { r.class_thresholds.clone() },
             allowed: r.allowed.clone(),
             reaching: 0,
             eligible: 0,
@@ -672,7 +767,7 @@ fn summarise(
 
 impl Calibration {
     /// The policy file that serves this calibration: every early exit's threshold (or
-    /// `disabled`), and its classes where they differ from the model's.
+    /// `disabled`), its classes where they differ from the model's, and its class thresholds.
     pub fn policy_file(&self, meta: &ModelMeta, version: u64) -> PolicyFile {
         let k = meta.num_classes();
         let exits = self
@@ -687,7 +782,12 @@ impl Calibration {
                 }
                 let classes = (r.allowed != trained)
                     .then(|| (0..k).filter(|&c| r.allowed[c]).map(ClassRef::Id).collect::<Vec<_>>());
-                ExitPolicy { name: r.name.clone(), threshold: r.threshold, disabled: r.threshold.is_none(), classes }
+                let class_thresholds: std::collections::BTreeMap<String, f32> = (0..k)
+                    .filter(|&c| r.allowed[c])
+                    .filter_map(|c| r.class_thresholds[c].map(|t| (c.to_string(), t)))
+                    .collect();
+                let disabled = r.threshold.is_none() && class_thresholds.is_empty();
+                ExitPolicy { name: r.name.clone(), threshold: r.threshold, disabled, classes, class_thresholds }
             })
             .collect();
         PolicyFile { version, exits }
@@ -1062,6 +1162,55 @@ mod synthetic {
         let file = c.policy_file(&m.meta, 3);
         assert!(file.exits[1].classes.is_some());
         Policy::resolve(&m.meta, &file).expect("the written policy is valid for the model");
+    }
+
+    #[test]
+    fn per_class_thresholds_keep_each_class_precise_where_one_threshold_cannot() {
+        // E1 is a bag exit for class 2 alone: per class is the same as per exit (k = 44).
+        // At E2 the 56 samples left are: class 0 right on 8 (even 44..58), class 2 right on 8
+        // (odd 45..59) and wrong on sample 99 at the largest entropy, class 1 right on 39, no
+        // class 3. One threshold for E2 lets all 56 go (55/56 ≥ 0.95); per class, class 2 is
+        // 8/9 < 0.95 with sample 99 in, so its threshold stops below it and sample 99 goes on.
+        let opts = Options { target: Target::Precision(0.95), min_support: 5, per_class: true, ..Options::default() };
+        let c = run(opts);
+        assert_eq!((c.exits[0].exited, c.exits[0].correct), (44, 42));
+        assert_eq!((c.exits[1].exited, c.exits[1].correct), (55, 55));
+        assert_eq!((c.exits[2].exited, c.exits[2].correct), (1, 1));
+        let e2 = &c.exits[1];
+        assert_eq!(e2.threshold, None, "only classes with thresholds of their own leave");
+        let t2 = e2.class_thresholds[2].unwrap();
+        assert!(t2 > 0.45 && t2 < 0.85, "class 2 stops between sample 59 and sample 99: {t2}");
+        assert!(e2.class_thresholds[1].unwrap() > 0.84, "class 1 is right on all its samples");
+        assert_eq!(e2.allowed, vec![true, true, true, false]);
+        let note = e2.note.as_deref().unwrap();
+        assert!(note.contains("classes [3]") && note.contains("--min-support 5"), "{note}");
+
+        // The policy written serves exactly this: class thresholds, no exit threshold, E2
+        // enabled; and it reads back through TOML.
+        let m = tiny3();
+        let file = c.policy_file(&m.meta, 2);
+        assert!(!file.exits[1].disabled);
+        let back = PolicyFile::from_toml(&file.to_toml().unwrap()).unwrap();
+        assert_eq!(back, file);
+        let rules = Policy::resolve(&m.meta, &back).unwrap().rules;
+        assert!(rules[1].can_exit());
+        for k in 0..3u32 {
+            assert_eq!(rules[1].threshold_of(k), e2.class_thresholds[k as usize], "class {k}");
+        }
+        assert!(!rules[1].allowed[3]);
+
+        // With more support asked, classes 0 and 2 (8 samples each) may not leave at E2.
+        let c = run(Options { min_support: 10, ..opts });
+        assert_eq!(c.exits[1].allowed, vec![false, true, false, false]);
+        assert_eq!(c.exits[1].exited, 39);
+    }
+
+    #[test]
+    fn per_class_goes_with_a_precision_target_only() {
+        let bad = Options { target: Target::AccuracyDrop(1.0), per_class: true, ..Options::default() };
+        assert!(bad.check().unwrap_err().to_string().contains("--per-class goes with a precision target"));
+        let both = Options { per_class: true, classes_only: true, ..Options::default() };
+        assert!(both.check().unwrap_err().to_string().contains("exclude each other"));
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //! answers. Ties in the argmax go to the lowest logit index.
 //!
 //! The policy is what the cloud pushes to edges at run time: per exit a threshold (or
-//! disabled) and the allowed classes. For a bag exit the allowed classes must be among those it
+//! disabled), the allowed classes, and optionally a threshold per class (class-specific early
+//! exits, CS-EE: the threshold the entropy is held to is that of the top class). For a bag exit the allowed classes must be among those it
 //! was trained for; for a plain exit any subset of all classes is fine, which turns any
 //! class-agnostic early-exit model into a class-aware one without retraining.
 
@@ -29,6 +30,9 @@ pub struct ExitRule {
     pub allowed: Vec<bool>,
     /// Entropy threshold in nats; `None` when the exit is disabled.
     pub threshold: Option<f32>,
+    /// Per class id: a threshold of its own that replaces `threshold` when that class is the top
+    /// one (`None`: the exit's threshold applies). Empty when no class has one.
+    pub class_thresholds: Vec<Option<f32>>,
     /// The last exit answers every sample that reaches it.
     pub last: bool,
 }
@@ -63,10 +67,16 @@ impl ExitRule {
         self.class_of.len()
     }
 
-    /// Whether any sample can leave here: the last exit, or an enabled exit with at least one
-    /// allowed class.
+    /// Whether any sample can leave here: the last exit, or an exit with at least one allowed
+    /// class that has a threshold.
     pub fn can_exit(&self) -> bool {
-        self.last || (self.threshold.is_some() && self.allowed.iter().any(|&a| a))
+        self.last || (0..self.allowed.len()).any(|c| self.allowed[c] && self.threshold_of(c as u32).is_some())
+    }
+
+    /// The entropy threshold a sample whose top class is `class` is held to: the class's own
+    /// threshold where the policy gives one, else the exit's; `None` when it cannot leave.
+    pub fn threshold_of(&self, class: u32) -> Option<f32> {
+        self.class_thresholds.get(class as usize).copied().flatten().or(self.threshold)
     }
 
     /// The best answer this exit can give a sample regardless of threshold and allowed classes:
@@ -125,7 +135,7 @@ impl ExitRule {
                 probability: probs[i],
             });
         }
-        let confident = self.threshold.is_some_and(|t| entropy < t);
+        let confident = top_class.and_then(|c| self.threshold_of(c)).is_some_and(|t| entropy < t);
         match top_class {
             Some(c) if confident && self.allowed[c as usize] => {
                 Outcome::Exit(Answer { class: c, exit: self.index, entropy, probability: probs[top] })
@@ -170,7 +180,12 @@ fn argmax(p: &[f32], keep: impl Fn(usize) -> bool) -> usize {
 ///                          {"name": "E2", "disabled": true}]}
 /// ```
 /// Exits not listed keep the model's defaults; a listed exit without `classes` keeps its trained
-/// classes, and without `threshold` its default threshold.
+/// classes, and without `threshold` its default threshold. `class_thresholds` gives classes
+/// thresholds of their own (keys are class names or ids), as class-specific early exits do:
+///
+/// ```json
+/// {"version": 4, "exits": [{"name": "E1", "classes": [8, 9], "class_thresholds": {"8": 0.02, "Ankle boot": 0.3}}]}
+/// ```
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyFile {
@@ -192,6 +207,10 @@ pub struct ExitPolicy {
     /// Class ids or class names allowed to exit here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub classes: Option<Vec<ClassRef>>,
+    /// Thresholds of single classes (key: class name or id), replacing `threshold` for a sample
+    /// whose top class it is. Each class must be allowed here.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub class_thresholds: std::collections::BTreeMap<String, f32>,
 }
 
 /// A class given by id or by name.
@@ -273,7 +292,15 @@ impl Policy {
                 for &c in &e.classes {
                     allowed[c] = true;
                 }
-                ExitRule { name: e.name.clone(), index: i, class_of, allowed, threshold: e.threshold, last: i + 1 == m }
+                ExitRule {
+                    name: e.name.clone(),
+                    index: i,
+                    class_of,
+                    allowed,
+                    threshold: e.threshold,
+                    class_thresholds: Vec::new(),
+                    last: i + 1 == m,
+                }
             })
             .collect();
         let mut seen = vec![false; m];
@@ -284,10 +311,12 @@ impl Policy {
             }
             let exit = &meta.exits[i];
             let rule = &mut rules[i];
-            if rule.last && (p.disabled || p.threshold.is_some() || p.classes.is_some()) {
+            if rule.last
+                && (p.disabled || p.threshold.is_some() || p.classes.is_some() || !p.class_thresholds.is_empty())
+            {
                 return Err(Error::Policy(format!(
                     "{} is the last exit: it answers every sample that reaches it, so it takes no threshold, \
-                     classes or disabled flag",
+                     classes, class thresholds or disabled flag",
                     p.name
                 )));
             }
@@ -305,26 +334,13 @@ impl Policy {
                 (false, Some(t)) => rule.threshold = Some(t),
                 (false, None) => {}
             }
+            if p.disabled && !p.class_thresholds.is_empty() {
+                return Err(Error::Policy(format!("exit {} is both disabled and given class thresholds", p.name)));
+            }
             if let Some(classes) = &p.classes {
                 let mut allowed = vec![false; k];
                 for c in classes {
-                    let id = match c {
-                        ClassRef::Id(id) if *id < k => *id,
-                        ClassRef::Id(id) => {
-                            return Err(Error::Policy(format!(
-                                "exit {} allows class {id}, but the model has {k} classes (0..{})",
-                                p.name,
-                                k - 1
-                            )))
-                        }
-                        ClassRef::Name(n) => meta.classes.iter().position(|c| c == n).ok_or_else(|| {
-                            Error::Policy(format!(
-                                "exit {} allows class {n:?}, which is not a class of this model ({})",
-                                p.name,
-                                meta.classes.join(", ")
-                            ))
-                        })?,
-                    };
+                    let id = class_id(meta, &p.name, c)?;
                     if exit.bag && !exit.classes.contains(&id) {
                         let trained: Vec<String> = exit.classes.iter().map(|&c| meta.class_label(c)).collect();
                         return Err(Error::Policy(format!(
@@ -338,8 +354,63 @@ impl Policy {
                 }
                 rule.allowed = allowed;
             }
+            if !p.class_thresholds.is_empty() {
+                let mut own = vec![None; k];
+                for (key, &t) in &p.class_thresholds {
+                    // A key is a class name, or else an id written as a string (JSON and TOML keys
+                    // are strings).
+                    let c = match meta.classes.iter().position(|c| c == key) {
+                        Some(id) => ClassRef::Id(id),
+                        None => key.trim().parse::<usize>().map(ClassRef::Id).unwrap_or(ClassRef::Name(key.clone())),
+                    };
+                    let id = class_id(meta, &p.name, &c)?;
+                    if !(t.is_finite() && t >= 0.0) {
+                        return Err(Error::Policy(format!(
+                            "exit {} threshold of class {} must be a non-negative number of nats, found {t}",
+                            p.name,
+                            meta.class_label(id)
+                        )));
+                    }
+                    if !rule.allowed[id] {
+                        return Err(Error::Policy(format!(
+                            "exit {} gives class {} a threshold but does not allow it (allowed: {}); list it in `classes`",
+                            p.name,
+                            meta.class_label(id),
+                            allowed_labels(meta, &rule.allowed)
+                        )));
+                    }
+                    own[id] = Some(t);
+                }
+                rule.class_thresholds = own;
+            }
         }
         Ok(Policy { version: file.version, rules })
+    }
+}
+
+/// The id of a class a policy names for exit `exit`, or an error that says what the model has.
+fn class_id(meta: &ModelMeta, exit: &str, c: &ClassRef) -> Result<usize> {
+    let k = meta.num_classes();
+    match c {
+        ClassRef::Id(id) if *id < k => Ok(*id),
+        ClassRef::Id(id) => {
+            Err(Error::Policy(format!("exit {exit} names class {id}, but the model has {k} classes (0..{})", k - 1)))
+        }
+        ClassRef::Name(n) => meta.classes.iter().position(|c| c == n).ok_or_else(|| {
+            Error::Policy(format!(
+                "exit {exit} names class {n:?}, which is not a class of this model ({})",
+                meta.classes.join(", ")
+            ))
+        }),
+    }
+}
+
+fn allowed_labels(meta: &ModelMeta, allowed: &[bool]) -> String {
+    let v: Vec<String> = (0..allowed.len()).filter(|&c| allowed[c]).map(|c| meta.class_label(c)).collect();
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(", ")
     }
 }
 
@@ -455,6 +526,7 @@ mod tests {
             class_of: vec![Some(2), None],
             allowed: vec![false, false, true],
             threshold: None,
+            class_thresholds: Vec::new(),
             last: true,
         };
         assert_eq!(answer(&bag_last.decide(&[0.0, 5.0])[0]), (2, 8));
@@ -474,6 +546,66 @@ mod tests {
         assert_eq!(r[1].threshold, Some(2.0));
         assert_eq!(answer(&r[1].decide(&[0.0, 6.0, 0.0])[0]), (1, 1));
         assert_eq!(r[1].decide(&[6.0, 0.0, 0.0])[0], Outcome::Continue);
+    }
+
+    #[test]
+    fn a_class_threshold_replaces_the_exit_threshold_for_its_class_only() {
+        // E2 is plain: classes a, b, c. Class c gets a strict threshold of its own, b a loose one.
+        let r = rules(serde_json::json!({"version": 5, "exits": [
+            {"name": "E2", "threshold": 0.5, "class_thresholds": {"c": 0.01, "1": 2.0}}]}))
+        .unwrap();
+        assert_eq!(r[1].class_thresholds, vec![None, Some(2.0), Some(0.01)]);
+        let mut p = [0.0; 3];
+        let z = [0.0, 0.0, 4.0]; // class c, entropy about 0.07: under 0.5, over c's own 0.01
+        assert!((0.01..0.5).contains(&softmax_entropy(&z, &mut p)));
+        assert_eq!(r[1].decide(&z)[0], Outcome::Continue, "c is held to its own threshold");
+        assert_eq!(answer(&r[1].decide(&[4.0, 0.0, 0.0])[0]), (0, 1), "a keeps the exit's threshold");
+        // Entropy ln 3 · 0.9 or so: above the exit's 0.5, below b's own 2.0.
+        assert_eq!(answer(&r[1].decide(&[0.0, 0.5, 0.0])[0]), (1, 1));
+        // An exit with no threshold of its own answers only the classes that have one.
+        let r = rules(serde_json::json!({"version": 5, "exits": [
+            {"name": "E2", "disabled": false, "classes": [0, 2], "class_thresholds": {"0": 0.5}}]}))
+        .unwrap();
+        let mut plain = r[1].clone();
+        plain.threshold = None;
+        assert!(plain.can_exit());
+        assert_eq!(answer(&plain.decide(&[4.0, 0.0, 0.0])[0]), (0, 1));
+        assert_eq!(plain.decide(&[0.0, 0.0, 9.0])[0], Outcome::Continue);
+        plain.class_thresholds = vec![None; 3];
+        assert!(!plain.can_exit());
+    }
+
+    #[test]
+    fn class_thresholds_round_trip_through_toml_and_refuse_what_cannot_work() {
+        let file = PolicyFile::from_json(
+            r#"{"version": 2, "exits": [{"name": "E2", "classes": ["b", "c"], "class_thresholds": {"b": 0.3, "2": 0.1}}]}"#,
+        )
+        .unwrap();
+        let back = PolicyFile::from_toml(&file.to_toml().unwrap()).unwrap();
+        assert_eq!(back, file);
+        let err = |v: serde_json::Value| rules(v).unwrap_err().to_string();
+        let e = err(
+            serde_json::json!({"version": 1, "exits": [{"name": "E2", "classes": [1], "class_thresholds": {"a": 0.2}}]}),
+        );
+        assert!(
+            e.contains("gives class a (0) a threshold but does not allow it") && e.contains("allowed: b (1)"),
+            "{e}"
+        );
+        let e = err(serde_json::json!({"version": 1, "exits": [{"name": "E2", "class_thresholds": {"zebra": 0.2}}]}));
+        assert!(e.contains("\"zebra\"") && e.contains("a, b, c"), "{e}");
+        let e = err(serde_json::json!({"version": 1, "exits": [{"name": "E2", "class_thresholds": {"5": 0.2}}]}));
+        assert!(e.contains("class 5") && e.contains("3 classes"), "{e}");
+        let e = err(serde_json::json!({"version": 1, "exits": [{"name": "E2", "class_thresholds": {"b": -1.0}}]}));
+        assert!(e.contains("class b (1)") && e.contains("non-negative"), "{e}");
+        let e = err(
+            serde_json::json!({"version": 1, "exits": [{"name": "E2", "disabled": true, "class_thresholds": {"b": 1.0}}]}),
+        );
+        assert!(e.contains("both disabled and given class thresholds"), "{e}");
+        let e = err(serde_json::json!({"version": 1, "exits": [{"name": "E3", "class_thresholds": {"b": 1.0}}]}));
+        assert!(e.contains("last exit"), "{e}");
+        // A bag exit answers only its trained classes, with or without thresholds of their own.
+        let e = err(serde_json::json!({"version": 1, "exits": [{"name": "E1", "class_thresholds": {"a": 1.0}}]}));
+        assert!(e.contains("does not allow it") && e.contains("allowed: b (1)"), "{e}");
     }
 
     #[test]

@@ -361,12 +361,18 @@ fn exit_policy() -> impl Strategy<Value = ExitPolicy> {
         prop::option::of(prop_oneof![0f32..3.0, Just(f32::NAN), Just(f32::INFINITY), Just(-1.0f32), any::<f32>()]),
         any::<bool>(),
         prop::option::of(prop::collection::vec(class_ref(), 0..4)),
+        prop::collection::btree_map(
+            prop::sample::select(vec!["a", "b", "c", "0", "7", "zebra", ""]).prop_map(String::from),
+            prop_oneof![0f32..3.0, Just(f32::NAN), Just(-1.0f32), any::<f32>()],
+            0..3,
+        ),
     )
-        .prop_map(|(name, threshold, disabled, classes)| ExitPolicy {
+        .prop_map(|(name, threshold, disabled, classes, class_thresholds)| ExitPolicy {
             name: name.into(),
             threshold,
             disabled,
             classes,
+            class_thresholds,
         })
 }
 
@@ -390,7 +396,11 @@ fn exit_policies_are_read_and_resolved_without_panics() {
             }
             // What the cloud sends an edge (JSON) reads back the same.
             let text = serde_json::to_string(&file).unwrap();
-            if file.exits.iter().all(|e| e.threshold.is_none_or(f32::is_finite)) {
+            if file
+                .exits
+                .iter()
+                .all(|e| e.threshold.is_none_or(f32::is_finite) && e.class_thresholds.values().all(|t| t.is_finite()))
+            {
                 prop_assert_eq!(PolicyFile::from_json(&text).ok(), Some(file));
             }
         }
