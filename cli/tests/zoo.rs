@@ -57,3 +57,47 @@ fn every_zoo_model_splits_exactly_and_matches_its_card() {
         }
     }
 }
+
+/// The zoo's CS-EE policies (models/zoo/cs-ee/) load against the model their card names, answer
+/// only their targeted class before the last exit, and give the card's figures on the test set.
+#[test]
+fn every_cs_ee_policy_answers_only_its_class_early_as_its_card_says() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/zoo/cs-ee");
+    let Ok(entries) = std::fs::read_dir(&dir) else { return };
+    let mut cards: Vec<PathBuf> =
+        entries.flatten().map(|e| e.path()).filter(|p| p.to_str().is_some_and(|s| s.ends_with(".card.json"))).collect();
+    cards.sort();
+    assert!(!cards.is_empty(), "models/zoo/cs-ee holds policies with a card");
+    for card_path in cards {
+        let card: Value = serde_json::from_str(&std::fs::read_to_string(&card_path).unwrap()).unwrap();
+        let model = dir.join("..").join(card["model"].as_str().unwrap());
+        for class in card["classes"].as_array().unwrap() {
+            let c = class["class"].as_u64().unwrap() as usize;
+            let policy = dir.join(class["policy"].as_str().unwrap());
+            let run = classynet(&[
+                "run",
+                "--model",
+                model.to_str().unwrap(),
+                "--policy",
+                policy.to_str().unwrap(),
+                "--batch",
+                "64",
+                "--json",
+            ]);
+            let exits = run["exits"].as_array().unwrap();
+            let mut early_as_c = 0u64;
+            for e in &exits[..exits.len() - 1] {
+                for row in e["confusion"].as_array().unwrap() {
+                    let row: Vec<u64> = row.as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
+                    let others: u64 = row.iter().enumerate().filter(|&(j, _)| j != c).map(|(_, n)| n).sum();
+                    assert_eq!(others, 0, "{}: an early exit answered another class than {c}", policy.display());
+                    early_as_c += row[c];
+                }
+            }
+            let want = class["test"]["class_early"].as_u64().unwrap();
+            assert!(early_as_c.abs_diff(want) <= 5, "{}: {early_as_c} answered early, card {want}", policy.display());
+            let (got, want) = (run["accuracy"].as_f64().unwrap(), class["test"]["accuracy"].as_f64().unwrap());
+            assert!((got - want).abs() <= 0.001, "{}: accuracy {got}, card {want}", policy.display());
+        }
+    }
+}

@@ -19,8 +19,9 @@ pub struct Config {
     /// Address to listen on (port 0 picks a free port, printed at start).
     #[arg(long, env = "CLOUD_SERVER_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: String,
-    /// Exit policy file (TOML or JSON: per exit threshold or disabled, allowed classes). It is
-    /// re-read when it changes or on SIGHUP, validated, and pushed to every edge.
+    /// Exit policy file (TOML or JSON: per exit threshold or disabled, allowed classes, and
+    /// per-class thresholds). It is re-read when it changes or on SIGHUP, validated, and pushed
+    /// to every edge.
     #[arg(long, env = "CLOUD_SERVER_POLICY", value_name = "FILE")]
     pub policy: Option<PathBuf>,
     /// Most samples run together per cut. Bigger batches raise throughput and the latency of the

@@ -254,7 +254,30 @@ def zoo_readme(zoo: Path) -> str:
         "test `cli/tests/zoo.rs` checks that every model here splits exactly at every partition and that",
         "`classynet run` reproduces the card's accuracy and exit counts.",
     ]
+    lines += cs_ee_section(zoo)
     return "\n".join(lines) + "\n"
+
+
+def cs_ee_section(zoo: Path) -> list[str]:
+    """The CS-EE policies of `zoo/cs-ee` (classynet_models.cs_ee): one row per targeted class."""
+    cards = [json.loads(p.read_text()) for p in sorted((zoo / "cs-ee").glob("*.card.json"))]
+    if not cards:
+        return []
+    lines = ["", "## CS-EE policies (the paper's class-specific early-exit baseline)", "",
+             "Not models but runtime configurations of a `bn` model: per targeted class, every early exit answers "
+             "only that class, with thresholds of its own calibrated on the validation split (`classynet calibrate "
+             "--per-class`). The card says what was chosen where the paper's description leaves room. Test set:", "",
+             "| policy set | targeted class | answered early | precision early | recall early | accuracy | remake |",
+             "|---|---|---|---|---|---|---|"]
+    for c in cards:
+        for r in c["classes"]:
+            t = r["test"]
+            prec = f"{100 * t['class_early_correct'] / t['class_early']:.2f} %" if t["class_early"] else "-"
+            rec = f"{100 * t['class_early_correct'] / t['class_samples']:.1f} %" if t["class_samples"] else "-"
+            lines.append(f"| [{c['name']}](cs-ee/{c['name']}.card.md) on `{c['model']}` | {r['class']} {r['label']} | "
+                         f"{t['class_early']:,} / {t['samples']:,} | {prec} | {rec} | {100 * t['accuracy']:.2f} % | "
+                         "`scripts/train-zoo cs-ee` |")
+    return lines
 
 
 if __name__ == "__main__":
