@@ -24,23 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from .export import classynet_binary
+from .export import classynet_binary, run_tool_json
 from .classes import ConfigError
-
-
-def _run_json(cmd: list[str], what: str) -> dict:
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
-    except OSError as e:
-        raise ConfigError(f"could not run {cmd[0]}: {e}") from None
-    if r.returncode != 0:
-        raise ConfigError(f"{what} failed (exit {r.returncode}): {r.stderr.strip()[-2000:]}")
-    return json.loads(r.stdout)
 
 
 def _model_meta(model: Path) -> dict:
@@ -84,7 +73,7 @@ def configure(model: Path, classes: list[int], samples: Path, out: Path, name: s
             policy = out / f"{name}-class{c}.toml"
             print(f"[cs-ee] class {c} ({meta['classes'][c]}): calibrating on {samples.name}", file=sys.stderr,
                   flush=True)
-            cal = _run_json([tool, "calibrate", "--model", str(model), "--dataset", dataset, "--samples", str(samples),
+            cal = run_tool_json([tool, "calibrate", "--model", str(model), "--dataset", dataset, "--samples", str(samples),
                              "--target", target, "--per-class", "--policy", str(start), "--batch", "64",
                              "--out", str(policy), "--json", *extra], f"classynet calibrate for class {c}")
             print(f"[cs-ee] class {c}: serving the policy on {test_dataset}", file=sys.stderr, flush=True)
@@ -92,7 +81,7 @@ def configure(model: Path, classes: list[int], samples: Path, out: Path, name: s
                        "--batch", "64", "--json", *extra]
             if test_limit:
                 run_cmd += ["--limit", str(test_limit)]
-            run = _run_json(run_cmd, f"classynet run for class {c}")
+            run = run_tool_json(run_cmd, f"classynet run for class {c}")
             per_class.append(_class_summary(c, meta, cal, run, policy))
     card = {"name": name, "model": model.name, "model_classes": meta["classes"], "target": target,
             "calibration": {"dataset": dataset, "samples": str(samples), "count": per_class[0]["calibration_samples"]},

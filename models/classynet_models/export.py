@@ -198,10 +198,23 @@ def classynet_binary() -> Path:
                       "export with --calibrate none")
 
 
+def run_tool_json(cmd: list[str], what: str) -> dict:
+    """Runs one of the project's tools with --json and returns what it printed; a failure is a
+    ConfigError that carries the tool's own message."""
+    import subprocess
+
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    except OSError as e:
+        raise ConfigError(f"could not run {cmd[0]}: {e}") from None
+    if r.returncode != 0:
+        raise ConfigError(f"{what} failed (exit {r.returncode}): {r.stderr.strip()[-2000:]}")
+    return json.loads(r.stdout)
+
+
 def calibrate_exported(model: Path, val, target: str) -> dict:
     """Runs `classynet calibrate` on the exported model over the validation samples (written to
     a temporary .npz, uint8 as the trainer holds them) and returns its JSON report."""
-    import subprocess
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="classynet-calibrate-") as tmp:
@@ -209,13 +222,7 @@ def calibrate_exported(model: Path, val, target: str) -> dict:
         np.savez(data, x=val.x, y=val.y)
         cmd = [str(classynet_binary()), "calibrate", "--model", str(model), "--dataset", f"npz:{data}",
                "--target", target, "--batch", "64", "--json"]
-        try:
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
-        except OSError as e:
-            raise ConfigError(f"could not run {cmd[0]}: {e}") from None
-        if r.returncode != 0:
-            raise ConfigError(f"classynet calibrate failed (exit {r.returncode}): {r.stderr.strip()}")
-        return json.loads(r.stdout)
+        return run_tool_json(cmd, "classynet calibrate")
 
 
 def evaluate_cmd(run: Path | None, model_path: Path | None, thresholds: list[float] | None,
